@@ -1,0 +1,130 @@
+"""compile(): capture -> passes -> lower -> emit. The steps live in their own modules; this one wires them."""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from . import passes as pass_registry
+from ._version import VERSION
+from .capture.inputs import Inputs, random_inputs_like
+from .capture.torch_capture import capture, is_driven_from_python
+from .config import CompileConfig
+from .errors import AdaptcError, CaptureError
+from .passes._base import CompileContext, PassManager
+from .runtime.module import CompiledModule, CompiledState, attach, state_of
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Any = None,
+    passes: None | str | list[str] = None,
+    calibration: Iterable[Any] | None = None,
+    quality: float | None = None,
+    device: str | torch.device | None = None,
+    *,
+    example_kwargs: dict[str, Any] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Compile `model` into a faster drop-in that computes the same function (exact passes).
+
+    >>> fast = adaptc.compile(model, example_inputs=(input_ids,))
+    >>> fast(input_ids)                      # same arguments, same output structure
+    >>> adaptc.report(fast)["passes"]        # what was rewritten, verified, tuned
+
+    example_inputs: a tuple of positional arguments (or a dict of keyword arguments) the model is
+        called with; every rewrite is verified on them and on fresh random inputs of other sizes.
+    passes: None or "exact" for every exact pass that applies, or a list of pass names.
+    capture: "auto" (default), "graph", "export", "fx" or "blocks" (see CompileConfig).
+    The user's model is never modified: the result shares its parameters.
+    """
+    if example_inputs is None and not example_kwargs:
+        raise AdaptcError("compile needs example_inputs: every rewrite is verified on them")
+    start = time.perf_counter()
+    config = CompileConfig(passes=passes, quality=quality, device=str(device) if device else None, **_config_options(options))
+    if device is not None:
+        model.to(device)
+    inputs = Inputs.of(example_inputs, example_kwargs)
+    was_training = model.training
+    model.eval()  # compiled modules are for inference; dropout would make verification meaningless
+    try:
+        working = _structural_copy(model)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        ctx = CompileContext(
+            original=model, working=working, inputs=inputs,
+            check_inputs=[inputs, *random_inputs_like(inputs, config.verify_random_inputs, config.seed, vocab)],
+            config=config,
+        )
+        selected = pass_registry.select(config.passes)
+        results, verification = PassManager(selected).run(ctx)
+        emitted, capture_info = _emit(ctx, verification)
+    finally:
+        model.train(was_training)
+    report = {
+        "adaptc_version": VERSION,
+        "torch_version": torch.__version__,
+        "model": type(model).__name__,
+        "device": str(next(iter(model.parameters()), torch.empty(0)).device),
+        "config": config.to_dict(),
+        "capture": capture_info,
+        "passes": [r.to_dict() for r in results],
+        "verification": verification,
+        "tuning": {"measured": 0, "cache_hits": 0},
+        "compile_seconds": round(time.perf_counter() - start, 3),
+    }
+    plan = {r.name: {p: _site_plan(ctx.working, p) for p in r.sites} for r in results if r.status == "applied"}
+    return attach(emitted, CompiledState(report, plan, config.to_dict()))
+
+
+def report(module: nn.Module) -> dict[str, Any]:
+    """What compile did to `module`: passes, verification errors, capture, tuning (JSON-serializable)."""
+    return copy.deepcopy(state_of(module).report)
+
+
+def _config_options(options: dict[str, Any]) -> dict[str, Any]:
+    names = ("capture", "verify", "verify_random_inputs", "seed")
+    known = {k: options.pop(k) for k in names if k in options}
+    return {**known, "options": options}
+
+
+def _structural_copy(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with `model`."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def _site_plan(working: nn.Module, path: str) -> dict[str, Any]:
+    plan = getattr(working.get_submodule(path), "plan", None)
+    return dict(plan) if isinstance(plan, dict) else {}
+
+
+def _emit(ctx: CompileContext, verification: dict) -> tuple[nn.Module, dict[str, Any]]:
+    """Whole-graph capture for pure functions; block granularity where the Python API must survive."""
+    mode = ctx.config.capture
+    if mode == "blocks" or (mode == "auto" and is_driven_from_python(ctx.original)):
+        why = "requested" if mode == "blocks" else "generate() and the KV cache drive this model from Python"
+        return ctx.working, {"granularity": "blocks", "method": "module", "reason": why}
+    methods = ("export", "fx") if mode in ("auto", "graph") else (mode,)
+    try:
+        captured = capture(ctx.working, ctx.inputs, methods)
+    except CaptureError as exc:
+        if mode != "auto":
+            raise
+        warnings.warn(f"adaptc: {exc}; keeping block granularity", stacklevel=3)
+        return ctx.working, {"granularity": "blocks", "method": "module", "reason": str(exc)}
+    cmp = ctx.verify(captured.module) if ctx.config.verify else None
+    if cmp is not None:
+        verification["capture"] = cmp.to_dict()
+        if not cmp.ok:
+            if mode != "auto":
+                raise CaptureError(f"the {captured.method} graph does not match the model: {cmp.why}")
+            return ctx.working, {"granularity": "blocks", "method": "module",
+                                 "reason": f"{captured.method} graph failed verification: {cmp.why}"}
+    signature = CompiledModule.signature_of(ctx.inputs.args, ctx.inputs.kwargs)
+    emitted = CompiledModule(captured.module, signature, eager=ctx.working)
+    emitted._program = captured.program
+    return emitted, {"granularity": "graph", "method": captured.method, "reason": ""}

@@ -1,0 +1,113 @@
+"""Tuning records in one JSON file, to carry tuning from one machine (or fleet) to another.
+
+A bundle is untrusted input like a shared cache: the header's format and schema version are checked
+first, then every record is parsed strictly on its own, so one bad record costs only itself.
+Importing never replaces a valid record that is already there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from adaptc.cache.record import SCHEMA_VERSION, RecordError, TuningRecord
+from adaptc.cache.tiered import TuningCache
+from adaptc.errors import CacheError
+
+FORMAT = "adaptc-tuning-bundle"
+
+
+@dataclass
+class ExportReport:
+    path: str
+    exported: int
+    skipped_invalid: int
+
+
+@dataclass
+class ImportReport:
+    path: str
+    imported: int = 0
+    skipped_invalid: int = 0
+    already_present: int = 0
+    problems: list[str] = field(default_factory=list)  # why each skipped record was refused
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export_bundle(cache: TuningCache, path: str | os.PathLike, kernel: str | None = None,
+                  device: str = "cpu") -> ExportReport:
+    """Write every valid record (of `kernel`, if given) to `path`. The header names the exporting host
+    and `device` (fingerprinted; "cuda" asks torch about the GPU) and counts records per device id."""
+    from adaptc.tuner.device import device_fingerprint
+
+    scan = cache.scan()
+    records = [r for r in scan.records if kernel is None or r.key.kernel == kernel]
+    devices: dict[str, int] = {}
+    for r in records:
+        devices[r.key.device] = devices.get(r.key.device, 0) + 1
+    bundle = {
+        "format": FORMAT,
+        "schema": SCHEMA_VERSION,
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exported_by": {"host": socket.gethostname(), "device": device_fingerprint(device).to_dict()},
+        "devices": devices,
+        "records": [r.to_dict() for r in records],
+    }
+    _write_atomically(Path(path), json.dumps(bundle, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    return ExportReport(path=str(path), exported=len(records), skipped_invalid=len(scan.invalid))
+
+
+def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
+    """The bundle's parsed JSON, its header checked. Raises CacheError on an unusable file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CacheError(f"cannot read the bundle {path}: {e.strerror or e}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CacheError(f"{path} is not a JSON tuning bundle: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CacheError(f"{path} is not an adaptc tuning bundle (no \"format\": \"{FORMAT}\" header)")
+    if data.get("schema") != SCHEMA_VERSION:
+        raise CacheError(f"{path} holds schema version {data.get('schema')!r} records; this adaptc reads "
+                         f"version {SCHEMA_VERSION} (export it again with a matching adaptc)")
+    if not isinstance(data.get("records"), list):
+        raise CacheError(f"{path}: \"records\" must be a list")
+    return data
+
+
+def import_bundle(cache: TuningCache, path: str | os.PathLike) -> ImportReport:
+    """Add the bundle's records to `cache` (local and shared), keeping records already there."""
+    data = read_bundle(path)
+    report = ImportReport(path=str(path))
+    for i, item in enumerate(data["records"]):
+        try:
+            record = TuningRecord.from_dict(item)
+        except RecordError as e:
+            report.skipped_invalid += 1
+            report.problems.append(f"record {i}: {e}")
+            continue
+        if cache.add(record):
+            report.imported += 1
+        else:
+            report.already_present += 1
+    return report
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    # A reader (or an import on another machine) never sees half a bundle.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

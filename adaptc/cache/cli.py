@@ -1,0 +1,209 @@
+"""`adaptc cache stats|list|export|import|clear`: look after the tuning cache from a shell.
+
+Every command takes `--json` (one JSON document on stdout, warnings on stderr) and `--url`, which
+overrides $ADAPTC_CACHE_URL, either before the command (`adaptc cache --url … stats`) or after it.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import warnings
+from typing import Any, Callable, Iterator
+
+import click
+
+from adaptc.cache.tiered import CacheWarning, TuningCache, open_cache
+from adaptc.errors import CacheError
+
+_URL_META = "adaptc.cache.url"
+
+
+def _options(fn: Callable) -> Callable:
+    @click.option("--url", default=None, help="Cache URL (sqlite:///…, redis://…, postgresql://…); "
+                                               "default $ADAPTC_CACHE_URL, else the local SQLite file.")
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of tables.")
+    @click.pass_context
+    @functools.wraps(fn)
+    def wrapper(ctx: click.Context, url: str | None, as_json: bool, **kwargs: Any) -> None:
+        url = url if url is not None else ctx.meta.get(_URL_META)
+        with _reporting_warnings(), _opened(url) as cache:
+            fn(cache, as_json, **kwargs)
+    return wrapper
+
+
+@contextlib.contextmanager
+def _opened(url: str | None) -> Iterator[TuningCache]:
+    try:
+        cache = open_cache(url)
+    except CacheError as e:
+        raise click.ClickException(str(e)) from None
+    try:
+        yield cache
+    except CacheError as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        cache.close()
+
+
+@contextlib.contextmanager
+def _reporting_warnings() -> Iterator[None]:
+    # On a terminal a cache warning is one line, not Python's "file:line: CacheWarning" with source.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CacheWarning)
+        try:
+            yield
+        finally:
+            for w in caught:
+                click.echo(f"warning: {w.message}", err=True)
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _console() -> Any:
+    from rich.console import Console
+    return Console(highlight=False)  # made per command: CliRunner swaps sys.stdout between commands
+
+
+@click.group("cache")
+@click.option("--url", default=None, help="Cache URL for every command; default $ADAPTC_CACHE_URL.")
+@click.pass_context
+def cache(ctx: click.Context, url: str | None) -> None:
+    """Inspect, move and clear tuned kernel configs."""
+    if url is not None:
+        ctx.meta[_URL_META] = url
+
+
+@cache.command()
+@_options
+def stats(cache: TuningCache, as_json: bool) -> None:
+    """How many records each tier holds, by kernel and device."""
+    from adaptc.tuner.device import device_fingerprint
+
+    scan, tiers = cache.scan(), cache.stats()
+    kernels: dict[str, int] = {}
+    devices: dict[str, int] = {}
+    for r in scan.records:
+        kernels[r.key.kernel] = kernels.get(r.key.kernel, 0) + 1
+        devices[r.key.device] = devices.get(r.key.device, 0) + 1
+    data = {"local": tiers["local"], "shared": tiers["shared"], "records": len(scan.records),
+            "invalid": len(scan.invalid), "kernels": kernels, "devices": devices,
+            "this_device": device_fingerprint("cpu").id}
+    if as_json:
+        _echo_json(data)
+        return
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title="tuning cache", show_header=True)
+    for col in ("tier", "kind", "where", "records"):
+        table.add_column(col)
+    for tier in ("local", "shared"):
+        info = tiers[tier]
+        if info is not None:
+            where = info.get("path") or info["url"]
+            table.add_row(tier, info["kind"], where, str(info.get("records", info.get("error", "?"))))
+    console.print(table)
+    console.print(f"{len(scan.records)} valid records, {len(scan.invalid)} unreadable; this machine's CPU is "
+                  f"{data['this_device']}")
+    for name, n in sorted(kernels.items()):
+        console.print(f"  {name}: {n}")
+
+
+@cache.command(name="list")
+@click.option("--kernel", default=None, help="Only records of this kernel.")
+@click.option("--device", default=None, help="Only records for this device id.")
+@_options
+def list_(cache: TuningCache, as_json: bool, kernel: str | None, device: str | None) -> None:
+    """Every record: kernel, problem, device, chosen config and its time."""
+    scan = cache.scan()
+    records = sorted((r for r in scan.records
+                      if (kernel is None or r.key.kernel == kernel) and (device is None or r.key.device == device)),
+                     key=lambda r: (r.key.kernel, r.key.device, r.key.dtype, repr(r.key.problem)))
+    if as_json:
+        _echo_json({"records": [{"digest": r.key.digest, **r.to_dict()} for r in records],
+                    "invalid": scan.invalid})
+        return
+    from rich.table import Table
+
+    console = _console()
+    table = Table(show_header=True)
+    for col in ("kernel", "problem", "dtype", "device", "config", "time", "status"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        table.add_row(r.key.kernel, _pairs(dict(r.key.problem)), r.key.dtype, r.key.device, _pairs(r.config),
+                      _seconds(r.time_s), r.status)
+    console.print(table)
+    console.print(f"{len(records)} records" + (f"; {len(scan.invalid)} unreadable (see --json)" if scan.invalid else ""))
+
+
+@cache.command(name="export")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--kernel", default=None, help="Only records of this kernel.")
+@click.option("--device", "device", default="cpu", show_default=True,
+              help="The device to name in the bundle's header (cpu or cuda[:N]).")
+@_options
+def export_(cache: TuningCache, as_json: bool, file: str, kernel: str | None, device: str) -> None:
+    """Write the cache's records to a JSON bundle FILE."""
+    from adaptc.cache.bundle import export_bundle
+
+    report = export_bundle(cache, file, kernel=kernel, device=device)
+    if as_json:
+        _echo_json(vars(report))
+    else:
+        skipped = f" ({report.skipped_invalid} unreadable records left out)" if report.skipped_invalid else ""
+        click.echo(f"exported {report.exported} records to {report.path}{skipped}")
+
+
+@cache.command(name="import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@_options
+def import_(cache: TuningCache, as_json: bool, file: str) -> None:
+    """Add the records of a JSON bundle FILE, keeping records already present."""
+    from adaptc.cache.bundle import import_bundle
+
+    report = import_bundle(cache, file)
+    if as_json:
+        _echo_json(report.to_dict())
+        return
+    click.echo(f"imported {report.imported}, already present {report.already_present}, "
+               f"skipped invalid {report.skipped_invalid} from {report.path}")
+    for problem in report.problems[:10]:
+        click.echo(f"  skipped {problem}", err=True)
+
+
+@cache.command()
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--local-only", is_flag=True, help="Leave the shared cache alone.")
+@_options
+def clear(cache: TuningCache, as_json: bool, yes: bool, local_only: bool) -> None:
+    """Delete every record (of this schema version)."""
+    tiers = cache.stats()
+    names = ["local"] + ([] if local_only or tiers["shared"] is None else ["shared"])
+    where = " and ".join(f"{t} {tiers[t].get('path') or tiers[t]['url']}" for t in names)
+    if not yes:
+        click.confirm(f"Delete every tuning record from {where}?", abort=True, err=True)
+    removed = cache.clear(shared=not local_only)
+    if as_json:
+        _echo_json({"removed": removed})
+    else:
+        click.echo(", ".join(f"removed {n} from {t}" for t, n in removed.items()))
+
+
+def _pairs(d: Any) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(dict(d).items()))
+
+
+def _seconds(t: float | None) -> str:
+    if t is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if t >= scale:
+            return f"{t / scale:.3g} {unit}"
+    return f"{t / 1e-9:.3g} ns"
+
+
+if __name__ == "__main__":
+    cache()

@@ -1,0 +1,89 @@
+"""Whole-graph capture: torch.export (strict=False, dynamic batch / sequence dims), then fx as fallback."""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ..errors import CaptureError
+from .inputs import Inputs, _dynamic_dims
+
+
+@dataclass
+class Captured:
+    method: str                 # "export" | "fx"
+    module: nn.Module           # callable graph module
+    program: Any = None         # the ExportedProgram, when method == "export"
+
+
+def is_driven_from_python(model: nn.Module) -> bool:
+    """Models whose Python API (generate(), KV caches) must survive keep block granularity."""
+    can_generate = getattr(model, "can_generate", None)
+    return bool(callable(can_generate) and can_generate())
+
+
+def dynamic_shapes(model: nn.Module, inputs: Inputs) -> dict[str, Any]:
+    """Batch and sequence dims of every tensor input, marked AUTO so export keeps them symbolic."""
+    bound = inspect.signature(model.forward).bind(*inputs.args, **inputs.kwargs)
+
+    def spec(x: Any) -> Any:
+        return {d: torch.export.Dim.AUTO for d in _dynamic_dims(x)} if isinstance(x, torch.Tensor) else None
+
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def export(model: nn.Module, inputs: Inputs) -> Captured:
+    program = torch.export.export(
+        model, inputs.args, inputs.kwargs, dynamic_shapes=dynamic_shapes(model, inputs), strict=False
+    )
+    return Captured("export", program.module(), program)
+
+
+def fx_trace(model: nn.Module, inputs: Inputs) -> Captured:
+    return Captured("fx", torch.fx.symbolic_trace(model))
+
+
+METHODS: dict[str, Callable[[nn.Module, Inputs], Captured]] = {"export": export, "fx": fx_trace}
+
+
+def capture(model: nn.Module, inputs: Inputs, methods: tuple[str, ...] = ("export", "fx")) -> Captured:
+    """The first method that captures `model`; CaptureError names each failed construct otherwise."""
+    failures = []
+    for name in methods:
+        try:
+            return METHODS[name](model, inputs)
+        except Exception as exc:
+            failures.append(f"{_method_label(name)} failed on {describe(exc)}")
+    raise CaptureError(f"cannot capture {type(model).__name__}: " + "; then ".join(failures))
+
+
+def _method_label(name: str) -> str:
+    return {"export": "torch.export (strict=False)", "fx": "torch.fx.symbolic_trace (fallback)"}[name]
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)')
+
+
+def describe(exc: BaseException) -> str:
+    """The construct that stopped capture: the error's first line and the innermost user frame."""
+    text = str(exc)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    first = first if len(first) < 200 else first[:197] + "..."
+    frames = [m for m in _FRAME.finditer(text) if "site-packages/torch" not in m.group(1)]
+    if not frames and exc.__traceback__ is not None:
+        import traceback
+
+        tb = [f for f in traceback.extract_tb(exc.__traceback__) if "site-packages/torch" not in f.filename
+              and "/adaptc/" not in f.filename]
+        if tb:
+            f = tb[-1]
+            return f"{type(exc).__name__}: {first} (at {f.filename}:{f.lineno} in {f.name}: {f.line})"
+    if frames:
+        f = frames[-1]
+        return f"{type(exc).__name__}: {first} (at {f.group(1)}:{f.group(2)} in {f.group(3)}: {f.group(4).strip()})"
+    return f"{type(exc).__name__}: {first}"

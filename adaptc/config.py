@@ -1,0 +1,47 @@
+"""What a compile was asked to do, as a dataclass that validates itself and round-trips through JSON."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+CAPTURE_MODES = ("auto", "graph", "export", "fx", "blocks")
+
+
+@dataclass
+class CompileConfig:
+    # None / "exact": every exact pass that applies; a list names passes explicitly.
+    passes: list[str] | None = None
+    quality: float | None = None
+    device: str | None = None
+    # auto: a whole graph for pure functions (torch.export, else fx), block granularity for models driven
+    # from Python (generate(), KV caches) or that cannot be captured. graph: a whole graph or a
+    # CaptureError; export / fx: that method only; blocks: never a whole graph.
+    capture: str = "auto"
+    verify: bool = True
+    # Fresh random inputs (other batch / sequence sizes) checked after each pass, besides the examples.
+    verify_random_inputs: int = 2
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.passes, str):
+            self.passes = None if self.passes in ("exact", "all_exact") else [self.passes]
+        if self.capture not in CAPTURE_MODES:
+            raise ValueError(f"capture must be one of {CAPTURE_MODES}, got {self.capture!r}")
+        if self.quality is not None and not 0.0 < self.quality <= 1.0:
+            raise ValueError(f"quality must be in (0, 1], got {self.quality}")
+        if self.verify_random_inputs < 0:
+            raise ValueError("verify_random_inputs must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "CompileConfig", "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompileConfig":
+        data = dict(data)
+        if data.pop("type", "CompileConfig") != "CompileConfig" or data.pop("version", None) != CONFIG_VERSION:
+            raise ValueError("not a CompileConfig of this version")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})

@@ -1,0 +1,231 @@
+"""What a `fused_moe` problem is, the configs its implementations accept, and what it costs.
+
+Three things live here and nowhere else, so the tuner can read them without importing Triton:
+
+* `problem_key` — the bucket a tuned config is valid for (T rounded up to a power of two).
+* the config spaces — candidate values per knob (`TRITON_SPACE`, `CPU_SPACE`), a constraint that
+  prunes Triton configs that cannot fit in shared memory (`triton_config_fits`), and heuristic
+  defaults (`default_config`) for when nothing is tuned.
+* analytic features (`features`): FLOPs and bytes moved, for the cost model and roofline checks.
+
+`sample_inputs` is the conformance hook: small random problems every implementation must agree on.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Iterator
+
+import torch
+
+KERNEL_NAME = "fused_moe"
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Problem shape
+# ----------------------------------------------------------------------------------------------
+
+def moe_dims(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+             w13: torch.Tensor, w2: torch.Tensor, activation: str, gated: bool) -> tuple[int, int, int, int, int]:
+    """(T, H, I, E, K) of a fused_moe call; raises ValueError when the arguments do not fit together."""
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be [T, H], got shape {tuple(hidden.shape)}")
+    if hidden.dtype not in DTYPES:
+        raise ValueError(f"hidden dtype {hidden.dtype} not in {DTYPES}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} not in {ACTIVATIONS}")
+    T, H = hidden.shape
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} "
+                         f"must both be [T={T}, K]")
+    if topk_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"topk_ids must be int64 or int32, got {topk_ids.dtype}")
+    if not topk_weights.is_floating_point():
+        raise ValueError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w13 and w2 must be 3-D, got {tuple(w13.shape)} and {tuple(w2.shape)}")
+    E, H2, I = w2.shape
+    if H2 != H:
+        raise ValueError(f"w2 is [E, H, I]; its H={H2} differs from hidden's H={H}")
+    want = (E, 2 * I if gated else I, H)
+    if tuple(w13.shape) != want:
+        raise ValueError(f"w13 must be {list(want)} (gated={gated}), got {list(w13.shape)}")
+    if w13.dtype != hidden.dtype or w2.dtype != hidden.dtype:
+        raise ValueError(f"weights ({w13.dtype}, {w2.dtype}) must have hidden's dtype {hidden.dtype}")
+    return T, H, I, E, topk_ids.shape[1]
+
+
+def bucket_tokens(T: int) -> int:
+    """T rounded up to a power of two (0 and 1 stay): the tuned-config bucket."""
+    return 1 << max(T - 1, 0).bit_length() if T > 1 else T
+
+
+def problem_key(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, gated: bool) -> str:
+    return f"T{bucket_tokens(T)}_H{H}_I{I}_E{E}_K{K}_{str(dtype).removeprefix('torch.')}_{'gated' if gated else 'plain'}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton config space
+# ----------------------------------------------------------------------------------------------
+
+TRITON_SPACE: dict[str, list[int]] = {
+    "BLOCK_M": [16, 32, 64, 128],
+    "BLOCK_N": [32, 64, 128, 256],
+    "BLOCK_K": [32, 64, 128, 256],
+    "GROUP_M": [1, 4, 8, 16],
+    "num_warps": [4, 8],
+    "num_stages": [2, 3, 4, 5],
+}
+H100_SMEM_BYTES = 232448  # max dynamic shared memory per block on sm_90 (227 KiB)
+
+
+def triton_smem_bytes(cfg: dict[str, Any], dtype: torch.dtype, gated: bool = True) -> int:
+    """Shared memory the pipelined main loop of the up-projection kernel needs (the larger of the two).
+
+    Per stage: one A tile (BLOCK_M x BLOCK_K) and one B tile per accumulator (gate and up when gated).
+    """
+    elt = torch.empty((), dtype=dtype).element_size()
+    b_tiles = 2 if gated else 1
+    return cfg["num_stages"] * (cfg["BLOCK_M"] + b_tiles * cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elt
+
+
+def triton_config_fits(cfg: dict[str, Any], dtype: torch.dtype, gated: bool = True,
+                       smem_bytes: int = H100_SMEM_BYTES) -> bool:
+    """False for configs that cannot launch (shared memory) or waste the machine (register pressure)."""
+    if triton_smem_bytes(cfg, dtype, gated) > smem_bytes:
+        return False
+    # Two fp32 accumulators of BLOCK_M x BLOCK_N spread over num_warps*32 threads: past ~256 floats
+    # per thread they spill.
+    accs = 2 if gated else 1
+    return accs * cfg["BLOCK_M"] * cfg["BLOCK_N"] // (cfg["num_warps"] * 32) <= 256
+
+
+def triton_configs(dtype: torch.dtype, gated: bool = True, smem_bytes: int = H100_SMEM_BYTES) -> Iterator[dict[str, Any]]:
+    """Every config in TRITON_SPACE that passes `triton_config_fits`."""
+    keys = list(TRITON_SPACE)
+    for values in itertools.product(*(TRITON_SPACE[k] for k in keys)):
+        cfg = dict(zip(keys, values))
+        if triton_config_fits(cfg, dtype, gated, smem_bytes):
+            yield cfg
+
+
+def triton_default_config(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, gated: bool) -> dict[str, Any]:
+    """Heuristic tiles when nothing is tuned: BLOCK_M follows the average rows per expert."""
+    rows_per_expert = T * K / max(E, 1)
+    wide = dtype == torch.float32  # fp32 tiles cost twice the shared memory
+    if rows_per_expert <= 16:
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64 if wide else 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+    elif rows_per_expert <= 64:
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4}
+    elif rows_per_expert <= 256:
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 64 if wide else 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+    else:
+        cfg = {"BLOCK_M": 128, "BLOCK_N": 64 if wide else 128, "BLOCK_K": 32 if wide else 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    # Narrow problems (tests, tiny experts): no tile wider than the dimension it covers.
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, _next_pow2(min(I, H))))
+    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(16, _next_pow2(min(I, H))))
+    return cfg
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU config space
+# ----------------------------------------------------------------------------------------------
+
+CPU_SPACE: dict[str, list[Any]] = {
+    # "wx": W @ x^T per expert (activations kept [features, rows]); MKL streams the weight matrix
+    # with few rows far better this way. "xw": x @ W^T, the nn.functional.linear layout.
+    "layout": ["wx", "xw"],
+    # "index_add": each expert adds its rows into the fp32 output right away.
+    # "pair_sum": experts write a [T*K, H] pair buffer; one unsort + sum over K at the end.
+    "combine": ["index_add", "pair_sum"],
+}
+
+
+def cpu_default_config(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, gated: bool) -> dict[str, Any]:
+    return {"layout": "wx", "combine": "index_add"}
+
+
+def cpu_configs() -> Iterator[dict[str, Any]]:
+    keys = list(CPU_SPACE)
+    for values in itertools.product(*(CPU_SPACE[k] for k in keys)):
+        yield dict(zip(keys, values))
+
+
+def default_config(device_type: str, T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype,
+                   gated: bool) -> dict[str, Any]:
+    """The untuned config for the implementation AUTO runs on `device_type`."""
+    fn = triton_default_config if device_type == "cuda" else cpu_default_config
+    return fn(T, H, I, E, K, dtype, gated)
+
+
+# ----------------------------------------------------------------------------------------------
+# Analytic features
+# ----------------------------------------------------------------------------------------------
+
+def features(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, gated: bool) -> dict[str, float]:
+    """FLOPs and bytes of one call, assuming uniform routing (experts hit = min(E, T*K))."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    pairs = T * K
+    up_rows = (2 if gated else 1) * I
+    flops = 2.0 * pairs * H * (up_rows + I)
+    experts_hit = min(E, pairs)
+    weight_bytes = experts_hit * (up_rows * H + H * I) * elt
+    act_bytes = (T * H * 2 + pairs * (H + I) * 2) * elt + pairs * (8 + 4)
+    total_bytes = weight_bytes + act_bytes
+    return {
+        "T": T, "H": H, "I": I, "E": E, "K": K, "gated": float(gated), "elt_bytes": elt,
+        "pairs": pairs, "rows_per_expert": pairs / max(E, 1), "experts_hit": experts_hit,
+        "flops": flops, "weight_bytes": weight_bytes, "bytes": total_bytes,
+        "intensity": flops / max(total_bytes, 1),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Conformance hook
+# ----------------------------------------------------------------------------------------------
+
+def make_inputs(T: int, H: int, I: int, E: int, K: int, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu", gated: bool = True, activation: str = "silu",
+                seed: int = 0, ids_dtype: torch.dtype = torch.int64, skip_experts: int = 0) -> tuple:
+    """Random, non-degenerate fused_moe arguments.
+
+    Routing picks K distinct experts per token from the first E - skip_experts (so the last
+    `skip_experts` get no tokens); weights are softmax-like positive floats. Scales keep every
+    intermediate O(1) so dtype-relative tolerances mean something.
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, (2 if gated else 1) * I, H, generator=g) / math.sqrt(H)
+    w2 = torch.randn(E, H, I, generator=g) / math.sqrt(I)
+    live = max(E - skip_experts, K)
+    ids = torch.rand(T, live, generator=g).argsort(dim=1)[:, :K]
+    weights = torch.rand(T, K, generator=g).softmax(dim=-1)
+    return (hidden.to(device, dtype), weights.to(device), ids.to(device, ids_dtype),
+            w13.to(device, dtype), w2.to(device, dtype), activation, gated)
+
+
+def sample_inputs(device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> Iterator[tuple]:
+    """Small problems every implementation must match the reference on (argument tuples)."""
+    shapes = [  # T, H, I, E, K, gated, activation, skip_experts, ids dtype
+        (1, 32, 32, 4, 2, True, "silu", 0, torch.int64),
+        (7, 64, 32, 8, 2, True, "gelu", 3, torch.int32),
+        (33, 32, 64, 8, 1, False, "relu", 2, torch.int64),
+        (17, 48, 40, 6, 2, True, "gelu_tanh", 1, torch.int64),
+        (0, 32, 32, 4, 2, True, "silu", 0, torch.int64),
+    ]
+    for i, (T, H, I, E, K, gated, act, skip, ids_dtype) in enumerate(shapes):
+        yield make_inputs(T, H, I, E, K, dtype=dtype, device=device, gated=gated, activation=act,
+                          seed=seed * 1000 + i, ids_dtype=ids_dtype, skip_experts=skip)
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    """atol/rtol for comparing an implementation's output with the reference's in `dtype`."""
+    return {torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+            torch.float16: {"atol": 5e-3, "rtol": 5e-3},
+            torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2}}[dtype]

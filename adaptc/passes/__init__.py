@@ -1,0 +1,21 @@
+"""Passes by name. One pass per file; exact passes need no data, approximate ones need calibration."""
+from __future__ import annotations
+
+from ._base import Pass, PassManager, PassResult  # noqa: F401
+
+
+def registry() -> dict[str, type[Pass]]:
+    from .moe_fusion import MoEFusion
+
+    return {p.name: p for p in (MoEFusion,)}
+
+
+def select(names: list[str] | None) -> list[Pass]:
+    """The passes to run, in pipeline order. None means every exact pass."""
+    known = registry()
+    if names is None:
+        return [cls() for cls in known.values() if cls.exact]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown pass(es) {unknown}; known passes: {sorted(known)}")
+    return [known[n]() for n in known if n in names]

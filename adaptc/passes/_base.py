@@ -1,0 +1,192 @@
+"""Passes and the manager that runs them: match (pure) -> check (a verdict with a reason) -> apply ->
+verify against the original; a pass that fails verification is rolled back and the report says why."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from ..capture.inputs import Inputs
+from ..verify import Comparison, compare
+
+
+@dataclass
+class Site:
+    """One place a pass may rewrite: a module path (blocks) and what the pass learned about it."""
+
+    path: str
+    module: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    name: str
+    status: str  # applied | skipped | rolled_back
+    sites: list[str] = field(default_factory=list)
+    reason: str = ""
+    declined: list[dict[str, str]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "status": self.status, "sites": list(self.sites), "reason": self.reason,
+            "declined": list(self.declined), "details": self.details, "seconds": round(self.seconds, 4),
+        }
+
+
+class ModuleEdit:
+    """Submodule replacements that can be undone: the rollback half of a pass. Path "" is the root."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self._undo: list[tuple[nn.Module | None, str, nn.Module]] = []
+
+    def replace(self, path: str, new: nn.Module) -> None:
+        if not path:
+            self._undo.append((None, "", self.root))
+            self.root = new
+            return
+        parent_path, _, name = path.rpartition(".")
+        parent = self.root.get_submodule(parent_path) if parent_path else self.root
+        self._undo.append((parent, name, parent.get_submodule(name)))
+        _set_child(parent, name, new)
+
+    def rollback(self) -> None:
+        for parent, name, old in reversed(self._undo):
+            if parent is None:
+                self.root = old
+            else:
+                _set_child(parent, name, old)
+        self._undo.clear()
+
+
+def _set_child(parent: nn.Module, name: str, child: nn.Module) -> None:
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)):
+        parent[int(name)] = child
+    else:
+        setattr(parent, name, child)
+
+
+@dataclass
+class CompileContext:
+    original: nn.Module
+    working: nn.Module   # a structural copy of `original` sharing its parameters; passes rewrite this
+    inputs: Inputs
+    check_inputs: list[Inputs]  # the examples first, then fresh random inputs of other sizes
+    config: Any
+    block_inputs: dict[str, tuple[tuple, dict]] = field(default_factory=dict)  # recorded by hooks
+    _expected: list[Any] | None = None
+
+    def expected_outputs(self) -> list[Any]:
+        if self._expected is None:
+            with torch.no_grad():
+                self._expected = [self.original(*i.args, **i.kwargs) for i in self.check_inputs]
+        return self._expected
+
+    def record_calls(self, paths: list[str]) -> None:
+        """Run the original once on the example inputs, keeping the first call of each block at `paths`."""
+        todo = [p for p in paths if p not in self.block_inputs]
+        if not todo:
+            return
+        handles = []
+        for path in todo:
+            def hook(module, args, kwargs, path=path):
+                self.block_inputs.setdefault(path, (args, kwargs))
+            handles.append(self.original.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                self.original(*self.inputs.args, **self.inputs.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def recorded_call(self, path: str) -> tuple[tuple, dict] | None:
+        return self.block_inputs.get(path)
+
+    def verify(self, fn: Callable[..., Any] | None = None) -> Comparison:
+        """Run `fn` (default: the working model) on every check input against the original."""
+        fn = fn or self.working
+        total = Comparison()
+        with torch.no_grad():
+            for inputs, expected in zip(self.check_inputs, self.expected_outputs()):
+                try:
+                    got = fn(*inputs.args, **inputs.kwargs)
+                except Exception as exc:  # a rewrite that crashes fails verification; it is not fatal
+                    return total.add(Comparison(float("inf"), float("inf"), 1, False, f"{type(exc).__name__}: {exc}"))
+                total = total.add(compare(expected, got))
+        return total
+
+
+class Pass:
+    name: ClassVar[str]
+    exact: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = False
+
+    def match(self, ctx: CompileContext) -> list[Site]:
+        """Every candidate site, without changing anything."""
+        raise NotImplementedError
+
+    def check(self, ctx: CompileContext, site: Site) -> str | None:
+        """None when `site` can be rewritten; otherwise the reason it is declined."""
+        return None
+
+    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
+        raise NotImplementedError
+
+    def no_sites_reason(self) -> str:
+        return "no sites found"
+
+
+class PassManager:
+    def __init__(self, passes: list[Pass]):
+        self.passes = passes
+
+    def run(self, ctx: CompileContext) -> tuple[list[PassResult], dict[str, dict[str, Any]]]:
+        results, verification = [], {}
+        for p in self.passes:
+            start = time.perf_counter()
+            result = self._run_one(ctx, p, verification)
+            result.seconds = time.perf_counter() - start
+            results.append(result)
+        return results, verification
+
+    def _run_one(self, ctx: CompileContext, p: Pass, verification: dict) -> PassResult:
+        result = PassResult(p.name, "skipped")
+        sites = p.match(ctx)
+        if not sites:
+            result.reason = p.no_sites_reason()
+            return result
+        edit = ModuleEdit(ctx.working)
+        try:
+            ctx.record_calls([s.path for s in sites])
+            for site in sites:
+                why = p.check(ctx, site)
+                if why:
+                    result.declined.append({"site": site.path, "reason": why})
+                    continue
+                p.apply(ctx, site, edit)
+                result.sites.append(site.path)
+                ctx.working = edit.root
+        except Exception as exc:  # a pass bug must not take the user's compile down: undo and say so
+            edit.rollback()
+            ctx.working = edit.root
+            return PassResult(p.name, "rolled_back", reason=f"pass failed: {type(exc).__name__}: {exc}",
+                              declined=result.declined)
+        if not result.sites:
+            result.reason = "every site declined"
+            return result
+        if ctx.config.verify:
+            cmp = ctx.verify()
+            verification[p.name] = cmp.to_dict()
+            if not cmp.ok:
+                edit.rollback()
+                ctx.working = edit.root
+                return PassResult(p.name, "rolled_back", reason=f"verification failed: {cmp.why}",
+                                  declined=result.declined)
+        result.status = "applied"
+        return result

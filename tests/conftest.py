@@ -1,0 +1,187 @@
+"""Shared fixtures: a real redis-server and a real PostgreSQL, started once per test session.
+
+Each runs privately on a free loopback port in a temporary directory and is stopped at the end, so
+tests never depend on (or disturb) services already on the machine. `bash scripts/services.sh`
+installs the binaries; a fixture skips, saying why, only when they are genuinely missing.
+
+    redis_url      a clean Redis database for one test (the server is shared, the data is flushed)
+    postgres_url   a fresh, empty PostgreSQL database for one test
+    dead_url       a factory: dead_url("redis") -> a URL on a port nobody listens on
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+START_TIMEOUT_S = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(check: Callable[[], bool], what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not start within {START_TIMEOUT_S:.0f}s\n{tail}")
+
+
+# -- Redis ------------------------------------------------------------------------------------------
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (run: bash scripts/services.sh)")
+    workdir = Path(tempfile.mkdtemp(prefix="adaptc-redis-"))
+    port, log = free_port(), workdir / "redis.log"
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir), "--logfile", str(log)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: proc.poll() is None and _redis_answers(port), "redis-server", log)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> str:
+    import redis
+
+    client = redis.Redis.from_url(redis_server_url)
+    client.flushdb()
+    client.close()
+    return redis_server_url
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------------
+
+def _pg_bindir() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    return os.path.dirname(initdb) if initdb else None
+
+
+class _PostgresCluster:
+    """A throwaway cluster. initdb refuses to run as root, so as root it runs as the `postgres` user."""
+
+    def __init__(self, bindir: str) -> None:
+        self.bindir, self.port = bindir, free_port()
+        self.user, self.password = "adaptc", secrets.token_hex(8)
+        self.workdir = Path(tempfile.mkdtemp(prefix="adaptc-pg-"))
+        self.data, self.log = self.workdir / "data", self.workdir / "pg.log"
+        self.prefix: list[str] = []
+        if os.geteuid() == 0:
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.skip("running as root and there is no postgres user to run initdb as")
+            os.chown(self.workdir, owner.pw_uid, owner.pw_gid)
+            self.prefix = ["runuser", "-u", "postgres", "--"]
+
+    def _run(self, *args: str) -> None:
+        subprocess.run(self.prefix + list(args), check=True, capture_output=True, text=True, cwd=self.workdir)
+
+    def start(self) -> None:
+        pwfile = self.workdir / "pw"
+        pwfile.write_text(self.password + "\n")
+        if self.prefix:
+            shutil.chown(pwfile, "postgres")
+        # Password auth over TCP, like a real shared cache; fsync off because the data is disposable.
+        self._run(f"{self.bindir}/initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
+                  "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8", "--no-sync", "--no-instructions")
+        opts = (f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=50")
+        self._run(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.log), "-w",
+                  "-t", str(int(START_TIMEOUT_S)), "start")
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        try:
+            self._run(f"{self.bindir}/pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[_PostgresCluster]:
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (run: bash scripts/services.sh)")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'adaptc[services]')")
+    cluster = _PostgresCluster(bindir)
+    try:
+        try:
+            cluster.start()
+        except subprocess.CalledProcessError as e:
+            tail = cluster.log.read_text(errors="replace")[-2000:] if cluster.log.exists() else ""
+            raise RuntimeError(f"could not start PostgreSQL: {e.stderr}\n{tail}") from None
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(postgres_cluster: _PostgresCluster) -> str:
+    """The cluster's maintenance database; create your own databases from it."""
+    return postgres_cluster.url("postgres")
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: _PostgresCluster) -> str:
+    import psycopg
+
+    name = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres_cluster.url("postgres"), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return postgres_cluster.url(name)
+
+
+# -- A server that is not there ---------------------------------------------------------------------
+
+@pytest.fixture
+def dead_url() -> Callable[[str], str]:
+    """A URL of the given scheme on a loopback port that refuses connections."""
+    def make(scheme: str) -> str:
+        port = free_port()  # bound then released: nothing listens there now
+        path = "/0" if scheme == "redis" else "/adaptc"
+        user = "adaptc:secret@" if scheme == "postgresql" else ""
+        return f"{scheme}://{user}127.0.0.1:{port}{path}"
+    return make

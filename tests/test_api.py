@@ -1,0 +1,120 @@
+"""The contract around compile(): errors, capture, rollback, report, lean import."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import adaptc
+from adaptc.capture.inputs import Inputs
+from adaptc.config import CompileConfig
+from adaptc.passes._base import CompileContext, ModuleEdit, Pass, PassManager, Site
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python control flow: neither export nor fx can capture it
+            return self.lin(x)
+        return -x
+
+
+def test_uncapturable_model_names_construct_and_fallback():
+    with pytest.raises(adaptc.CaptureError) as err:
+        adaptc.compile(DataDependent(), example_inputs=(torch.randn(2, 4),), capture="graph")
+    msg = str(err.value)
+    assert "torch.export" in msg and "fx.symbolic_trace (fallback)" in msg
+    assert "x.sum() > 0" in msg
+
+
+def test_uncapturable_model_in_auto_mode_keeps_blocks_and_says_why():
+    model = DataDependent()
+    with pytest.warns(UserWarning, match="keeping block granularity"):
+        fast = adaptc.compile(model, example_inputs=(torch.randn(2, 4),))
+    cap = adaptc.report(fast)["capture"]
+    assert cap["granularity"] == "blocks" and "x.sum() > 0" in cap["reason"]
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(fast(x), model(x))
+
+
+def test_pure_model_is_exported_with_dynamic_batch():
+    model = nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 2)).eval()
+    fast = adaptc.compile(model, example_inputs=(torch.randn(4, 6),))
+    report = adaptc.report(fast)
+    assert report["capture"]["method"] == "export" and report["verification"]["capture"]["ok"]
+    for batch in (1, 9):
+        x = torch.randn(batch, 6)
+        torch.testing.assert_close(fast(x), model(x))
+
+
+def test_report_is_json_and_has_the_contract_fields():
+    fast = adaptc.compile(nn.Linear(3, 3), example_inputs=(torch.randn(2, 3),))
+    report = json.loads(json.dumps(adaptc.report(fast)))
+    assert set(report) >= {"passes", "verification", "tuning"}
+    assert report["tuning"] == {"measured": 0, "cache_hits": 0}
+    assert {"name", "status", "sites", "reason"} <= set(report["passes"][0])
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(adaptc.AdaptcError, match="example_inputs"):
+        adaptc.compile(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unknown pass"):
+        adaptc.compile(nn.Linear(2, 2), example_inputs=(torch.randn(1, 2),), passes=["warp_drive"])
+    with pytest.raises(ValueError, match="capture"):
+        adaptc.compile(nn.Linear(2, 2), example_inputs=(torch.randn(1, 2),), capture="magic")
+    with pytest.raises(TypeError, match="not made by adaptc"):
+        adaptc.report(nn.Linear(2, 2))
+
+
+class BreakLinear(Pass):
+    """A wrong rewrite: the manager must catch it and roll it back."""
+
+    name = "break_linear"
+
+    def match(self, ctx):
+        return [Site(n, m) for n, m in ctx.working.named_modules() if isinstance(m, nn.Linear)]
+
+    def apply(self, ctx, site, edit):
+        wrong = nn.Linear(site.module.in_features, site.module.out_features)
+        edit.replace(site.path, wrong)
+
+
+def test_failed_verification_rolls_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)).eval()
+    working = nn.Sequential(*model)  # shares the layers
+    x = Inputs.of((torch.randn(2, 4),))
+    ctx = CompileContext(model, working, x, [x], CompileConfig())
+    (result,), verification = PassManager([BreakLinear()]).run(ctx)
+    assert result.status == "rolled_back" and "verification failed" in result.reason
+    assert not verification["break_linear"]["ok"]
+    assert working[0] is model[0] and working[2] is model[2]
+
+
+def test_module_edit_rolls_back_in_reverse():
+    root = nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.ReLU()))
+    old = [root[0], root[1][0]]
+    edit = ModuleEdit(root)
+    edit.replace("0", nn.Identity())
+    edit.replace("1.0", nn.Tanh())
+    edit.rollback()
+    assert [root[0], root[1][0]] == old
+
+
+def test_compile_config_round_trips():
+    cfg = CompileConfig(passes=["moe_fusion"], quality=0.99, capture="graph")
+    assert CompileConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError):
+        CompileConfig(quality=1.5)
+
+
+def test_import_touches_no_gpu():
+    code = ("import torch, adaptc, adaptc.kernels, adaptc.passes.moe_fusion; "
+            "print(torch.cuda.is_initialized())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
