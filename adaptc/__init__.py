@@ -13,27 +13,29 @@ __all__ = ["compile", "report", "save", "load", "AdaptcError", "CaptureError", "
 
 
 def compile(model, example_inputs=None, passes=None, calibration=None, quality=None, device=None, **options):
+    """Compile `model` into a faster drop-in module; see `adaptc.api.compile` for every argument."""
     from .api import compile as _compile
 
     return _compile(model, example_inputs, passes, calibration, quality, device, **options)
 
 
 def report(module):
+    """The JSON-serializable report of what compile did (passes, verification, capture, tuning)."""
     from .api import report as _report
 
     return _report(module)
 
 
 def save(module, path):
+    """Write a compiled module to `path` (a zip of JSON, tensors and an exported program; no pickle)."""
     from .runtime.serialize import save as _save
 
     return _save(module, path)
 
 
 def load(path, map_location=None):
+    """Read a module written by `save`; raises SaveLoadError for files it cannot trust."""
     from .runtime.serialize import load as _load
 
     return _load(path, map_location=map_location)
 
-
-compile.__doc__ = "See adaptc.api.compile."

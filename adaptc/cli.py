@@ -1,0 +1,47 @@
+"""The `adaptc` command line. Subcommands live beside what they drive (`adaptc.cache.cli`, ...)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ._version import VERSION
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(VERSION, prog_name="adaptc")
+def main() -> None:
+    """adaptc: compile PyTorch and ONNX models into faster, verified drop-ins.
+
+    From Python, `adaptc.compile(model, example_inputs=...)`. From the shell, the commands below.
+    """
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+def info(as_json: bool) -> None:
+    """Show this machine's device fingerprint and the kernels adaptc can run here."""
+    import torch
+
+    from .kernels import KERNELS
+    from .tuner.device import device_fingerprint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kernels = {name: {"implementations": ["reference", *k.implementations]} for name, k in KERNELS.items()}
+    doc = {"adaptc": VERSION, "torch": torch.__version__, "device": device_fingerprint(device), "kernels": kernels}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("kernel", "implementations", title=f"adaptc {VERSION} · torch {torch.__version__}")
+    for name, k in kernels.items():
+        table.add_row(name, ", ".join(k["implementations"]))
+    Console().print(doc["device"])
+    Console().print(table)
+
+
+from .cache.cli import cache  # noqa: E402  (subcommand groups are defined beside what they drive)
+
+main.add_command(cache)
