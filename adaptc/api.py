@@ -124,7 +124,7 @@ def _emit(ctx: CompileContext, verification: dict) -> tuple[nn.Module, dict[str,
                 raise CaptureError(f"the {captured.method} graph does not match the model: {cmp.why}")
             return ctx.working, {"granularity": "blocks", "method": "module",
                                  "reason": f"{captured.method} graph failed verification: {cmp.why}"}
-    signature = CompiledModule.signature_of(ctx.inputs.args, ctx.inputs.kwargs)
+    signature = CompiledModule.signature_of(ctx.inputs.args, ctx.inputs.kwargs, captured.shapes)
     emitted = CompiledModule(captured.module, signature, eager=ctx.working)
     emitted._program = captured.program
     return emitted, {"granularity": "graph", "method": captured.method, "reason": ""}

@@ -19,6 +19,8 @@ class Captured:
     method: str                 # "export" | "fx"
     module: nn.Module           # callable graph module
     program: Any = None         # the ExportedProgram, when method == "export"
+    # Per tensor input, its sizes with None where the graph accepts any size (export may specialise).
+    shapes: list[tuple[int | None, ...]] | None = None
 
 
 def is_driven_from_python(model: nn.Module) -> bool:
@@ -38,10 +40,27 @@ def dynamic_shapes(model: nn.Module, inputs: Inputs) -> dict[str, Any]:
 
 
 def export(model: nn.Module, inputs: Inputs) -> Captured:
+    # export specialises a dim whose example size is 1; trace on size-2 inputs so it stays symbolic.
+    batch, seq = inputs.batch_seq()
+    if batch == 1 or seq == 1:
+        inputs = inputs.resized(max(batch, 2), seq and max(seq, 2), torch.Generator().manual_seed(0))
     program = torch.export.export(
         model, inputs.args, inputs.kwargs, dynamic_shapes=dynamic_shapes(model, inputs), strict=False
     )
-    return Captured("export", program.module(), program)
+    return Captured("export", program.module(), program, input_shapes(program))
+
+
+def input_shapes(program: Any) -> list[tuple[int | None, ...]]:
+    """Sizes of the program's tensor inputs; None marks a dim that stayed symbolic."""
+    from torch.export.graph_signature import InputKind
+
+    user = {spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT}
+    shapes = []
+    for node in program.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
+        if isinstance(val, torch.Tensor):
+            shapes.append(tuple(d if isinstance(d, int) else None for d in val.shape))
+    return shapes
 
 
 def fx_trace(model: nn.Module, inputs: Inputs) -> Captured:

@@ -33,9 +33,9 @@ def state_of(module: nn.Module) -> CompiledState:
 class CompiledModule(nn.Module):
     """A captured graph with the rewritten eager model beside it.
 
-    Calls shaped like the captured example (same arguments, tensor ranks and dtypes; batch and sequence
-    sizes free) run the graph; anything else runs the eager model, which computes the same function.
-    Attributes the user's model had (config, device, ...) are forwarded to it.
+    Calls the graph accepts (the example's argument structure and dtypes, tensor sizes free where the
+    graph kept them symbolic) run the graph; anything else runs the eager model, which computes the
+    same function. Attributes the user's model had (config, device, ...) are forwarded to it.
     """
 
     def __init__(self, graph: nn.Module, signature: Any, eager: nn.Module | None = None):
@@ -45,12 +45,28 @@ class CompiledModule(nn.Module):
         self._signature = signature
 
     @staticmethod
-    def signature_of(args: tuple, kwargs: dict) -> Any:
+    def signature_of(args: tuple, kwargs: dict, shapes: list[tuple[int | None, ...]] | None = None) -> Any:
+        """What a call must look like to run the graph: `shapes` gives each tensor's fixed sizes."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        return str(spec), [(x.ndim, x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves]
+        tensors = iter(shapes or [])
+        return str(spec), [(x.dtype, next(tensors, (None,) * x.ndim)) if isinstance(x, torch.Tensor) else x
+                           for x in leaves]
+
+    def accepts(self, args: tuple, kwargs: dict) -> bool:
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        want_spec, want = self._signature
+        if str(spec) != want_spec or len(leaves) != len(want):
+            return False
+        for x, w in zip(leaves, want):
+            if not isinstance(x, torch.Tensor):
+                if x != w:
+                    return False
+            elif x.dtype != w[0] or x.ndim != len(w[1]) or any(s is not None and s != n for s, n in zip(w[1], x.shape)):
+                return False
+        return True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.eager is None or self.signature_of(args, kwargs) == self._signature:
+        if self.eager is None or self.accepts(args, kwargs):
             return self.graph(*args, **kwargs)
         return self.eager(*args, **kwargs)
 

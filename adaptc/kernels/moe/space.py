@@ -148,7 +148,7 @@ CPU_SPACE: dict[str, list[Any]] = {
 
 
 def cpu_default_config(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, gated: bool) -> dict[str, Any]:
-    return {"layout": "wx", "combine": "index_add"}
+    return {"layout": "wx", "combine": "pair_sum"}  # pair_sum: 1.0-1.4x index_add measured on 2 cores
 
 
 def cpu_configs() -> Iterator[dict[str, Any]]:
