@@ -28,9 +28,9 @@ def info(as_json: bool) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     kernels = {name: {"implementations": ["reference", *k.implementations]} for name, k in KERNELS.items()}
-    doc = {"adaptc": VERSION, "torch": torch.__version__, "device": device_fingerprint(device), "kernels": kernels}
+    doc = {"adaptc": VERSION, "torch": torch.__version__, "device": device_fingerprint(device).to_dict(), "kernels": kernels}
     if as_json:
-        click.echo(json.dumps(doc, indent=2, default=str))
+        click.echo(json.dumps(doc, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -45,3 +45,7 @@ def info(as_json: bool) -> None:
 from .cache.cli import cache  # noqa: E402  (subcommand groups are defined beside what they drive)
 
 main.add_command(cache)
+
+
+if __name__ == "__main__":
+    main()

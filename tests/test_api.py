@@ -52,6 +52,17 @@ def test_pure_model_is_exported_with_dynamic_batch():
         torch.testing.assert_close(fast(x), model(x))
 
 
+def test_batch_one_example_still_gives_a_dynamic_graph():
+    model = nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 2)).eval()
+    fast = adaptc.compile(model, example_inputs=(torch.randn(1, 5, 6),))
+    assert adaptc.report(fast)["capture"]["method"] == "export"
+    for shape in [(1, 5, 6), (4, 1, 6), (3, 9, 6)]:
+        x = torch.randn(shape)
+        assert fast.accepts((x,), {}), shape  # runs the graph, not the eager fallback
+        torch.testing.assert_close(fast(x), model(x))
+    assert not fast.accepts((torch.randn(2, 5, 6).double(),), {})
+
+
 def test_report_is_json_and_has_the_contract_fields():
     fast = adaptc.compile(nn.Linear(3, 3), example_inputs=(torch.randn(2, 3),))
     report = json.loads(json.dumps(adaptc.report(fast)))
