@@ -35,12 +35,13 @@ def info(as_json: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("kernel", "implementations", title=f"adaptc {VERSION} · torch {torch.__version__}")
+    device_table = Table("device", "", show_header=False, title=f"adaptc {VERSION} · torch {torch.__version__}")
+    for key, value in doc["device"].items():
+        device_table.add_row(key, ", ".join(value) if isinstance(value, (list, tuple)) else str(value))
+    kernel_table = Table("kernel", "implementations")
     for name, k in kernels.items():
-        table.add_row(name, ", ".join(k["implementations"]))
-    Console().print(doc["device"])
-    Console().print(table)
-
+        kernel_table.add_row(name, ", ".join(k["implementations"]))
+    Console().print(device_table, kernel_table)
 
 from .cache.cli import cache  # noqa: E402  (subcommand groups are defined beside what they drive)
 
