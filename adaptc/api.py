@@ -61,6 +61,7 @@ def compile(
         )
         selected = pass_registry.select(config.passes)
         results, verification = PassManager(selected).run(ctx)
+        tuning = _tune(ctx) if config.tune else {"measured": 0, "cache_hits": 0, "kernels": []}
         emitted, capture_info = _emit(ctx, verification)
     finally:
         model.train(was_training)
@@ -73,7 +74,7 @@ def compile(
         "capture": capture_info,
         "passes": [r.to_dict() for r in results],
         "verification": verification,
-        "tuning": {"measured": 0, "cache_hits": 0},
+        "tuning": tuning,
         "compile_seconds": round(time.perf_counter() - start, 3),
     }
     plan = {r.name: {p: _site_plan(ctx.working, p) for p in r.sites} for r in results if r.status == "applied"}
@@ -86,7 +87,7 @@ def report(module: nn.Module) -> dict[str, Any]:
 
 
 def _config_options(options: dict[str, Any]) -> dict[str, Any]:
-    names = ("capture", "verify", "verify_random_inputs", "seed")
+    names = ("capture", "verify", "verify_random_inputs", "seed", "tune", "tune_trials", "tune_seconds")
     known = {k: options.pop(k) for k in names if k in options}
     return {**known, "options": options}
 
@@ -100,6 +101,15 @@ def _structural_copy(model: nn.Module) -> nn.Module:
 def _site_plan(working: nn.Module, path: str) -> dict[str, Any]:
     plan = getattr(working.get_submodule(path), "plan", None)
     return dict(plan) if isinstance(plan, dict) else {}
+
+
+def _tune(ctx: CompileContext) -> dict[str, Any]:
+    """Tune every kernel problem the rewritten model calls on the example inputs (cache first)."""
+    from .tuner import Budget, tune_calls
+
+    c = ctx.config
+    budget = Budget(trials=c.tune_trials, seconds=c.tune_seconds)
+    return tune_calls(lambda: ctx.working(*ctx.inputs.args, **ctx.inputs.kwargs), budget, seed=c.seed)
 
 
 def _emit(ctx: CompileContext, verification: dict) -> tuple[nn.Module, dict[str, Any]]:

@@ -23,6 +23,10 @@ class CompileConfig:
     # Fresh random inputs (other batch / sequence sizes) checked after each pass, besides the examples.
     verify_random_inputs: int = 2
     seed: int = 0
+    # Tune the kernels the compiled module calls (on this device; the tuning cache first).
+    tune: bool = True
+    tune_trials: int = 12        # measurements per kernel problem, at most
+    tune_seconds: float = 20.0   # wall time per kernel problem, at most
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -34,6 +38,8 @@ class CompileConfig:
             raise ValueError(f"quality must be in (0, 1], got {self.quality}")
         if self.verify_random_inputs < 0:
             raise ValueError("verify_random_inputs must be >= 0")
+        if self.tune_trials < 1 or self.tune_seconds <= 0:
+            raise ValueError("tune_trials must be >= 1 and tune_seconds > 0 (tune=False turns tuning off)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"type": "CompileConfig", "version": CONFIG_VERSION, **dataclasses.asdict(self)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import enum
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,10 +22,26 @@ class KernelPreference(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class ConfigSpace:
+    """The knobs an implementation takes (`fn(*args, config=...)`) and which combinations can run."""
+
+    knobs: dict[str, tuple[Any, ...]]              # candidate values per knob
+    default: Callable[..., dict[str, Any]]          # default(*args): the untuned heuristic
+    fits: Callable[..., bool] = lambda config, *args: True  # fits(config, *args): False prunes it
+
+    def configs(self, *args: Any) -> list[dict[str, Any]]:
+        """Every combination of knob values that fits these arguments."""
+        names = list(self.knobs)
+        combos = (dict(zip(names, values)) for values in itertools.product(*self.knobs.values()))
+        return [c for c in combos if self.fits(c, *args)]
+
+
+@dataclass(frozen=True)
 class Implementation:
     fn: Callable[..., Any]
     # supports(*args) -> None when it can run these arguments, else the reason it cannot.
     supports: Callable[..., str | None] = lambda *a, **k: None
+    space: ConfigSpace | None = None  # None: nothing to tune
 
 
 @dataclass
@@ -32,6 +49,12 @@ class Kernel:
     name: str
     reference: Callable[..., Any]
     implementations: dict[str, Implementation] = field(default_factory=dict)
+    # problem(*args): the bucket a tuned config is valid for (JSON scalars, includes the dtype).
+    problem: Callable[..., dict[str, Any]] = lambda *a: {}
+    # features(problem): analytic numbers (FLOPs, bytes, ...) the cost model learns from.
+    features: Callable[[dict[str, Any]], dict[str, float]] = lambda p: {}
+    # tolerance(dtype): atol/rtol against the reference, for tests and for rejecting bad configs.
+    tolerance: Callable[[Any], dict[str, float]] = lambda dtype: {"atol": 1e-4, "rtol": 1e-4}
 
     def select(self, device_type: str, *args: Any) -> tuple[str, Callable[..., Any]]:
         """The implementation to run on `device_type` for these arguments, and its name."""
@@ -70,15 +93,52 @@ def kernel_preference(pref: KernelPreference | str):
         _preference.reset(token)
 
 
-# Tuned tile/knob configs by (kernel, problem key). The tuner fills this; kernels read it and fall
-# back to their space's heuristic default.
-_CONFIGS: dict[tuple[str, str], dict[str, Any]] = {}
+# Tuned configs by (kernel, implementation, device type, problem). The tuner fills this and installs
+# a source (the tuning cache) consulted once per new problem; kernels fall back to their default.
+_CONFIGS: dict[tuple, dict[str, Any] | None] = {}
+_config_source: list[Callable[[str, str, dict[str, Any], str], dict[str, Any] | None]] = []
 
 
-def config_for(kernel: str, problem_key: str, default: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    cfg = _CONFIGS.get((kernel, problem_key))
+def _key(kernel: str, impl: str, problem: dict[str, Any], device_type: str) -> tuple:
+    return kernel, impl, device_type, tuple(sorted(problem.items()))
+
+
+def config_for(kernel: str, impl: str, problem: dict[str, Any], device_type: str,
+               default: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The tuned config for this problem, else `default()`."""
+    key = _key(kernel, impl, problem, device_type)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = next((c for src in _config_source if (c := src(kernel, impl, problem, device_type))), None)
+    cfg = _CONFIGS[key]
     return dict(cfg) if cfg is not None else default()
 
 
-def set_config(kernel: str, problem_key: str, config: dict[str, Any]) -> None:
-    _CONFIGS[(kernel, problem_key)] = dict(config)
+def set_config(kernel: str, impl: str, problem: dict[str, Any], device_type: str, config: dict[str, Any]) -> None:
+    _CONFIGS[_key(kernel, impl, problem, device_type)] = dict(config)
+
+
+def set_config_source(source: Callable[[str, str, dict[str, Any], str], dict[str, Any] | None] | None) -> None:
+    """Where config_for looks for configs it has not seen (None: nowhere). Forgets what it memoised."""
+    _config_source[:] = [source] if source is not None else []
+    _CONFIGS.clear()
+
+
+# Kernel calls seen while tracing, by (kernel, implementation, problem): what compile tunes.
+_trace: contextvars.ContextVar[dict | None] = contextvars.ContextVar("adaptc_kernel_trace", default=None)
+
+
+@contextlib.contextmanager
+def trace_calls():
+    """Collect one argument tuple per distinct (kernel, implementation, problem) called in the block."""
+    calls: dict[tuple, tuple[str, str, tuple]] = {}
+    token = _trace.set(calls)
+    try:
+        yield calls
+    finally:
+        _trace.reset(token)
+
+
+def note_call(kernel: Kernel, impl: str, args: tuple) -> None:
+    calls = _trace.get()
+    if calls is not None and impl in kernel.implementations:
+        calls.setdefault(_key(kernel.name, impl, kernel.problem(*args), args[0].device.type), (kernel.name, impl, args))

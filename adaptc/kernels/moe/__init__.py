@@ -1,15 +1,19 @@
 """Fused Mixture-of-Experts: `adaptc::fused_moe` with a reference, a CPU and a Triton implementation."""
 from __future__ import annotations
 
-from .._registry import Implementation, Kernel, register
+from .._registry import ConfigSpace, Implementation, Kernel, register
+from . import space
 from .cpu import cpu_fused_moe
 from .reference import torch_fused_moe
-from .space import KERNEL_NAME
 
 
-def _triton(*args):
+def _dims(*args):
+    return (*space.moe_dims(*args), args[0].dtype, args[6])
+
+
+def _triton(*args, config=None):
     from .triton import triton_fused_moe  # imported on first use: Triton may be absent (macOS, Windows)
-    return triton_fused_moe(*args)
+    return triton_fused_moe(*args, config=config)
 
 
 def _triton_supports(*args) -> str | None:
@@ -24,9 +28,15 @@ def _cpu_supports(hidden, *args) -> str | None:
     return None if hidden.device.type == "cpu" else f"tensors are on {hidden.device.type}, not cpu"
 
 
-KERNEL = register(Kernel(KERNEL_NAME, torch_fused_moe, {
-    "cpu": Implementation(cpu_fused_moe, _cpu_supports),
-    "triton": Implementation(_triton, _triton_supports),
-}))
+CPU_SPACE = ConfigSpace(space.CPU_SPACE, lambda *a: space.cpu_default_config(*_dims(*a)))
+TRITON_SPACE = ConfigSpace(space.TRITON_SPACE, lambda *a: space.triton_default_config(*_dims(*a)),
+                           lambda cfg, *a: space.triton_config_fits(cfg, a[0].dtype, a[6]))
+
+KERNEL = register(Kernel(
+    space.KERNEL_NAME, torch_fused_moe,
+    {"cpu": Implementation(cpu_fused_moe, _cpu_supports, CPU_SPACE),
+     "triton": Implementation(_triton, _triton_supports, TRITON_SPACE)},
+    problem=space.problem, features=space.problem_features, tolerance=space.tolerance,
+))
 
 from . import op  # noqa: E402,F401  (registers the custom op)

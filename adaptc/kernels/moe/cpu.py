@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .._registry import config_for
-from .space import KERNEL_NAME, cpu_default_config, moe_dims, problem_key
+from .space import KERNEL_NAME, cpu_default_config, moe_dims, problem
 
 
 def _act_(x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -37,57 +37,61 @@ def cpu_fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: to
                   w13: torch.Tensor, w2: torch.Tensor, activation: str, gated: bool,
                   config: dict[str, Any] | None = None) -> torch.Tensor:
     """Same contract as `torch_fused_moe`; `config` holds the CPU knobs of `space.CPU_SPACE`."""
-    T, H, I, E, K = moe_dims(hidden, topk_weights, topk_ids, w13, w2, activation, gated)
+    args = (hidden, topk_weights, topk_ids, w13, w2, activation, gated)
+    T, H, I, E, K = moe_dims(*args)
     if config is None:
-        dims = (T, H, I, E, K, hidden.dtype, gated)
-        config = config_for(KERNEL_NAME, problem_key(*dims), lambda: cpu_default_config(*dims))
+        config = config_for(KERNEL_NAME, "cpu", problem(*args), "cpu", lambda: cpu_default_config(T, H, I, E, K, hidden.dtype, gated))
     if T == 0:
         return hidden.new_zeros(0, H)
     wx = config.get("layout", "wx") == "wx"
-    pair_buffer = config.get("combine", "index_add") == "pair_sum"
+    pair_buffer = config.get("combine", "pair_sum") == "pair_sum"
+    row_pad = int(config.get("row_pad", 1))
     fp32 = hidden.dtype == torch.float32
 
+    S = T * K
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     counts = torch.bincount(flat_ids, minlength=E).tolist()  # the one host sync
     token_sorted = order // K if K > 1 else order
-    x_sorted = hidden.index_select(0, token_sorted)                     # [S, H], rows grouped by expert
+    # Rows grouped by expert, plus row_pad - 1 zero rows at the end: a padded expert's GEMM reads
+    # into the next expert's rows (or these), and its extra output columns are dropped.
+    x_sorted = hidden.new_empty(S + row_pad - 1, H)
+    torch.index_select(hidden, 0, token_sorted, out=x_sorted[:S])
+    x_sorted[S:].zero_()
     w_sorted = topk_weights.reshape(-1).index_select(0, order).float()  # [S]
-    if fp32:
-        w_cast = w_sorted
-    else:
-        w_cast = w_sorted.to(hidden.dtype)
+    w_sorted = torch.cat([w_sorted, w_sorted.new_zeros(row_pad - 1)])
+    w_cast = w_sorted if fp32 else w_sorted.to(hidden.dtype)
     # Fold the routing weight into whichever of h [rows, I] and y [rows, H] is smaller (fp32 only:
     # in half precision the reference weights y in fp32, so do the same).
     weight_h = fp32 and I <= H
 
     out = torch.zeros(T, H, dtype=torch.float32)
-    pairs = torch.empty(T * K, H, dtype=torch.float32) if pair_buffer else None
+    pairs = torch.empty(S, H, dtype=torch.float32) if pair_buffer else None
 
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        stop = start + n
-        x = x_sorted[start:stop]
+        stop, padded = start + n, start + -(-n // row_pad) * row_pad
+        x = x_sorted[start:padded]
         if wx:
-            g = torch.mm(w13[e], x.t())                  # [2I or I, n]
+            g = torch.mm(w13[e], x.t())                  # [2I or I, rows]
             h = g[:I]
             _act_(h, activation)
             if gated:
                 h.mul_(g[I:])
             if weight_h:
-                h.mul_(w_cast[start:stop])
-            y = torch.mm(w2[e], h).t()                   # [n, H], a transposed view
+                h.mul_(w_cast[start:padded])
+            y = torch.mm(w2[e], h).t()[:n]               # [n, H], a transposed view
         else:
-            g = torch.mm(x, w13[e].t())                  # [n, 2I or I]
+            g = torch.mm(x, w13[e].t())                  # [rows, 2I or I]
             h = g[:, :I]
             _act_(h, activation)
             if gated:
                 h.mul_(g[:, I:])
             if weight_h:
-                h.mul_(w_cast[start:stop, None])
-            y = torch.mm(h, w2[e].t())                   # [n, H]
+                h.mul_(w_cast[start:padded, None])
+            y = torch.mm(h, w2[e].t())[:n]               # [n, H]
         if not weight_h:
             y = y.float().mul_(w_sorted[start:stop, None]) if not fp32 else y.mul_(w_sorted[start:stop, None])
         if pair_buffer:

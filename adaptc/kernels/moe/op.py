@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .._registry import KERNELS
+from .._registry import KERNELS, note_call
 from .space import KERNEL_NAME, moe_dims
 
 
@@ -23,7 +23,9 @@ def fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.
     """
     args = (hidden, topk_weights, topk_ids, w13, w2, activation, gated)
     moe_dims(*args)
-    _, fn = KERNELS[KERNEL_NAME].select(hidden.device.type, *args)
+    kernel = KERNELS[KERNEL_NAME]
+    impl, fn = kernel.select(hidden.device.type, *args)
+    note_call(kernel, impl, args)
     return fn(*args)
 
 

@@ -1,0 +1,213 @@
+"""Tune one kernel implementation for one problem: the cache first, then a measured search.
+
+The search is one Optuna study per (kernel, implementation, problem, device). Configs the cost model
+ranks best are enqueued first; a sampler (TPE by default) explores after. Every candidate's output is
+checked against the kernel's reference before it is timed: a wrong or crashing config is recorded as
+such and never chosen. Ties break on the config's JSON, so the same trials always give the same pick.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from ..cache import RecordKey, Trial, TuningCache, TuningRecord
+from ..kernels._registry import KERNELS, ConfigSpace, set_config
+from .device import device_fingerprint
+from .timing import median_seconds
+
+STRATEGIES = ("model+tpe", "tpe", "random", "exhaustive")
+
+
+@dataclass(frozen=True)
+class Budget:
+    trials: int = 12             # measurements, at most
+    seconds: float = 20.0        # wall time of the search, at most
+    seconds_per_trial: float = 0.05  # CPU timer budget per candidate (GPU: do_bench's own)
+
+
+@dataclass
+class Outcome:
+    kernel: str
+    implementation: str
+    problem: dict[str, Any]
+    config: dict[str, Any]
+    source: str                  # "cache" | "measured" | "default" (every candidate failed)
+    measured: int = 0
+    time_s: float | None = None
+    trials: list[Trial] = field(default_factory=list)
+
+
+class Measure(Protocol):
+    def __call__(self, config: dict[str, Any]) -> Trial: ...
+
+
+def canonical(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+@functools.cache
+def implementation_hash(kernel: str) -> str:
+    """A hash of the kernel folder's source: editing a kernel invalidates what was tuned for it."""
+    from .. import kernels
+
+    folder = Path(kernels.__file__).parent / kernel
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def key_for(kernel: str, impl: str, problem: dict[str, Any], device: Any) -> RecordKey:
+    """The cache key of a tuned config: kernel source, problem bucket, device and versions."""
+    return RecordKey.for_device(f"{kernel}/{impl}", implementation_hash(kernel), problem, problem.get("dtype", "-"),
+                                device_fingerprint(device))
+
+
+def record_key(kernel: str, impl: str, args: tuple) -> RecordKey:
+    return key_for(kernel, impl, KERNELS[kernel].problem(*args), args[0].device)
+
+
+def live_measure(kernel: str, impl: str, args: tuple, budget: Budget) -> Measure:
+    """Run a config, check it against the reference, and time it on the arguments' device."""
+    k = KERNELS[kernel]
+    fn = k.implementations[impl].fn
+    want = k.reference(*args)
+    tol = k.tolerance(args[0].dtype)
+    device = args[0].device.type
+
+    def measure(config: dict[str, Any]) -> Trial:
+        try:
+            got = fn(*args, config=config)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        except Exception:  # a config that cannot run (too much shared memory, a compile error, ...)
+            return Trial(config, None, "crashed")
+        if not torch.allclose(got.float(), want.float(), **tol):
+            return Trial(config, None, "wrong")
+        return Trial(config, median_seconds(lambda: fn(*args, config=config), device,
+                                            seconds=budget.seconds_per_trial, min_runs=3, warmup=1))
+
+    return measure
+
+
+def search(space: ConfigSpace, candidates: list[dict[str, Any]], measure: Measure, budget: Budget, *,
+           strategy: str = "model+tpe", ranked: list[dict[str, Any]] | None = None, seed: int = 0,
+           storage: Any = None, study_name: str | None = None,
+           on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
+    """Measure up to `budget.trials` of `candidates`; return every trial, in the order run.
+
+    `ranked` (the cost model's order, best first) seeds model+tpe; `storage`/`study_name` share one
+    Optuna study between workers (processes or machines): a config any worker measured is not
+    measured again.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    valid = {canonical(c): c for c in candidates}
+    if strategy == "exhaustive" or (len(valid) <= budget.trials and storage is None):
+        order = ranked or candidates
+        return _run_list([c for c in order if canonical(c) in valid][:budget.trials], measure, budget, on_trial)
+    if strategy == "random":
+        pool = list(valid.values())
+        random.Random(seed).shuffle(pool)
+        return _run_list(pool[:budget.trials], measure, budget, on_trial)
+    return _optuna_search(space, valid, measure, budget, ranked if strategy == "model+tpe" else None,
+                          seed, storage, study_name, on_trial)
+
+
+def _run_list(configs: list[dict[str, Any]], measure: Measure, budget: Budget,
+              on_trial: Callable[[Trial], None] | None) -> list[Trial]:
+    trials, deadline = [], time.monotonic() + budget.seconds
+    for config in configs:
+        if trials and time.monotonic() > deadline:
+            break
+        trials.append(measure(config))
+        if on_trial:
+            on_trial(trials[-1])
+    return trials
+
+
+def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure: Measure, budget: Budget,
+                   ranked: list[dict[str, Any]] | None, seed: int, storage: Any, study_name: str | None,
+                   on_trial: Callable[[Trial], None] | None) -> list[Trial]:
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
+                                storage=storage, study_name=study_name, load_if_exists=storage is not None)
+    # Value per config measured so far (None: it failed), by any worker sharing this study.
+    done = {canonical(t.params): (t.value if t.state == TrialState.COMPLETE else None)
+            for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.FAIL)}
+    seeds = [c for c in (ranked or []) if canonical(c) in valid and canonical(c) not in done]
+    for config in seeds[:max(1, budget.trials // 2)]:
+        study.enqueue_trial(config, skip_if_exists=True)
+    trials: list[Trial] = []
+    deadline = time.monotonic() + budget.seconds
+    asks = 0
+    while len(trials) < budget.trials and asks < 20 * budget.trials and not (trials and time.monotonic() > deadline):
+        asks += 1
+        trial = study.ask()
+        config = {name: trial.suggest_categorical(name, list(values)) for name, values in space.knobs.items()}
+        key = canonical(config)
+        if key not in valid:  # pruned by the space's constraint: costs no measurement
+            study.tell(trial, state=TrialState.PRUNED)
+            continue
+        if key not in done:
+            result = measure(config)
+            trials.append(result)
+            if on_trial:
+                on_trial(result)
+            done[key] = result.time_s if result.status == "ok" else None
+        # A config measured before (here or by another worker) is told again, never re-run.
+        if done[key] is None:
+            study.tell(trial, state=TrialState.FAIL)
+        else:
+            study.tell(trial, done[key])
+    return trials
+
+
+def best_trial(trials: list[Trial]) -> Trial | None:
+    """The fastest correct trial; equal times break on the config, so the pick is reproducible."""
+    ok = [t for t in trials if t.status == "ok"]
+    return min(ok, key=lambda t: (t.time_s, canonical(dict(t.config)))) if ok else None
+
+
+def tune(kernel: str, impl: str, args: tuple, *, cache: TuningCache, budget: Budget = Budget(),
+         strategy: str = "model+tpe", cost_model: Any = None, seed: int = 0, storage: Any = None,
+         on_trial: Callable[[Trial], None] | None = None) -> Outcome:
+    """The config to run `kernel`/`impl` with on these arguments, tuned or from the cache; installed."""
+    k = KERNELS[kernel]
+    space = k.implementations[impl].space
+    key = record_key(kernel, impl, args)
+    problem, device = dict(key.problem), args[0].device.type
+    record = cache.get(key)
+    if record is not None:
+        config = dict(record.config) if record.status == "ok" else space.default(*args)
+        set_config(kernel, impl, problem, device, config)
+        return Outcome(kernel, impl, problem, config, "cache", time_s=record.time_s)
+    candidates = space.configs(*args)
+    ranked = None
+    if strategy == "model+tpe":
+        default = space.default(*args)
+        ranked = cost_model.rank(kernel, impl, problem, candidates) if cost_model else None
+        ranked = [default, *[c for c in (ranked or candidates) if c != default]]
+    trials = search(space, candidates, live_measure(kernel, impl, args, budget), budget, strategy=strategy,
+                    ranked=ranked, seed=seed, storage=storage, study_name=key.digest, on_trial=on_trial)
+    best = best_trial(trials)
+    if best is None:
+        record = TuningRecord(key, config={}, time_s=None, status="crashed", trials=trials)
+        config, source = space.default(*args), "default"
+    else:
+        record = TuningRecord(key, config=dict(best.config), time_s=best.time_s, trials=trials)
+        config, source = dict(best.config), "measured"
+    cache.put(record)
+    set_config(kernel, impl, problem, device, config)
+    return Outcome(kernel, impl, problem, config, source, len(trials), record.time_s, trials)

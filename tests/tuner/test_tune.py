@@ -1,0 +1,146 @@
+"""The tuner on real kernels (fused_moe's CPU implementation) and on a kernel with planted bad configs."""
+import json
+
+import pytest
+import torch
+
+import adaptc
+from adaptc.cache import open_cache
+from adaptc.kernels._registry import KERNELS, ConfigSpace, Implementation, Kernel, config_for, register
+from adaptc.kernels.moe import space
+from adaptc.tuner import tune_calls
+from adaptc.tuner.cost_model import CostModel, evaluate
+from adaptc.tuner.tune import Budget, best_trial, search, tune
+from adaptc.cache import Trial
+from tests.moe_models import hf_causal_lm
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTC_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ADAPTC_CACHE_URL", raising=False)
+    from adaptc.cache import reset_default_cache
+    from adaptc.kernels._registry import _CONFIGS
+
+    reset_default_cache()
+    _CONFIGS.clear()
+    yield open_cache()
+    reset_default_cache()
+    _CONFIGS.clear()
+
+
+FAST = Budget(trials=12, seconds=20, seconds_per_trial=0.005)
+
+
+def test_compile_measures_once_then_hits_the_cache(cache):
+    model = hf_causal_lm("mixtral")
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    first = adaptc.report(adaptc.compile(model, example_inputs=(ids,), tune_trials=4))["tuning"]
+    assert first["measured"] > 0 and first["cache_hits"] == 0
+    assert {k["kernel"] for k in first["kernels"]} == {"fused_moe"}
+    assert all(k["source"] == "measured" and k["config"] for k in first["kernels"])
+    second = adaptc.report(adaptc.compile(model, example_inputs=(ids,), tune_trials=4))["tuning"]
+    assert second["measured"] == 0 and second["cache_hits"] == len(first["kernels"])
+    assert [k["config"] for k in second["kernels"]] == [k["config"] for k in first["kernels"]]
+    off = adaptc.report(adaptc.compile(model, example_inputs=(ids,), tune=False))["tuning"]
+    assert off["measured"] == 0 and off["cache_hits"] == 0
+
+
+def test_tuned_config_is_what_the_kernel_runs(cache):
+    args = space.make_inputs(24, 64, 32, 8, 2, seed=3)
+    outcome = tune("fused_moe", "cpu", args, cache=cache, budget=FAST, strategy="exhaustive")
+    assert outcome.source == "measured" and outcome.measured == len(list(space.cpu_configs()))
+    assert config_for("fused_moe", "cpu", KERNELS["fused_moe"].problem(*args), "cpu", dict) == outcome.config
+    # a new process would get it from the cache: same key, same config
+    again = tune("fused_moe", "cpu", args, cache=open_cache(), budget=FAST)
+    assert again.source == "cache" and again.config == outcome.config
+
+
+# A kernel with planted faults: "wrong" configs give a wrong answer, "crash" configs raise.
+def _scale_ref(x):
+    return x * 2
+
+
+def _scale(x, config=None):
+    mode = (config or {}).get("mode", "ok")
+    if mode == "crash":
+        raise RuntimeError("out of shared memory")
+    return x * (3 if mode == "wrong" else 2) + 0 * config.get("unroll", 1)
+
+
+@pytest.fixture
+def faulty_kernel():
+    space_ = ConfigSpace({"mode": ("ok", "wrong", "crash"), "unroll": (1, 2, 4, 8)}, lambda *a: {"mode": "ok", "unroll": 1},
+                         lambda c, *a: c["unroll"] != 8)
+    register(Kernel("test_scale", _scale_ref, {"cpu": Implementation(_scale, space=space_)},
+                    problem=lambda x: {"n": x.numel(), "dtype": "float32"}, features=lambda p: {"n": p["n"]}))
+    yield space_
+    KERNELS.pop("test_scale")
+
+
+@pytest.mark.parametrize("strategy", ["exhaustive", "random", "tpe", "model+tpe"])
+def test_wrong_and_crashing_configs_are_recorded_never_chosen(cache, faulty_kernel, strategy):
+    x = torch.randn(64)
+    outcome = tune("test_scale", "cpu", (x,), cache=cache, budget=FAST, strategy=strategy)
+    statuses = {t.config["mode"]: t.status for t in outcome.trials}
+    assert outcome.config["mode"] == "ok" and outcome.config["unroll"] != 8  # pruned configs never run
+    assert all(t.config["unroll"] != 8 for t in outcome.trials)
+    assert statuses.get("wrong", "wrong") == "wrong" and statuses.get("crash", "crashed") == "crashed"
+    record = cache.get(outcome_key(outcome, x))
+    assert record is not None and json.loads(record.to_json())["trials"]
+
+
+def outcome_key(outcome, x):
+    from adaptc.tuner.tune import record_key
+
+    return record_key(outcome.kernel, outcome.implementation, (x,))
+
+
+def test_every_candidate_failing_is_recorded_and_the_default_used(cache, faulty_kernel, monkeypatch):
+    monkeypatch.setitem(faulty_kernel.knobs, "mode", ("wrong", "crash"))
+    outcome = tune("test_scale", "cpu", (torch.randn(8),), cache=cache, budget=FAST, strategy="exhaustive")
+    assert outcome.source == "default" and outcome.config == {"mode": "ok", "unroll": 1}
+    assert tune("test_scale", "cpu", (torch.randn(8),), cache=cache, budget=FAST).source == "cache"
+
+
+def test_ties_break_deterministically():
+    a, b = Trial({"x": 2}, 1.0), Trial({"x": 1}, 1.0)
+    assert best_trial([a, b]) is b and best_trial([b, a]) is b
+
+
+def test_search_shares_a_study_and_never_reruns_a_config(tmp_path, faulty_kernel):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    seen = []
+
+    def measure(config):
+        seen.append(json.dumps(config, sort_keys=True))
+        return Trial(config, 1.0 + config["unroll"] / 10 if config["mode"] == "ok" else None,
+                     "ok" if config["mode"] == "ok" else "wrong")
+
+    configs = faulty_kernel.configs(torch.randn(4))
+    budget = Budget(trials=5, seconds=20)
+    for worker in range(3):  # three workers in turn on one study (9 configs in all): none measured twice
+        search(faulty_kernel, configs, measure, budget, strategy="tpe", seed=worker, storage=storage, study_name="s")
+    assert len(seen) == len(set(seen)) > budget.trials
+
+
+def test_cost_model_learns_a_ranking_from_records(cache):
+    # Records from the CPU kernel on several problems, then held-out evaluation.
+    problems = [(T, 64, 32, 8, 2) for T in (4, 16, 48, 96)] + [(T, 32, 64, 8, 2) for T in (8, 32)]
+    for i, dims in enumerate(problems):
+        tune("fused_moe", "cpu", space.make_inputs(*dims, seed=i), cache=cache, budget=FAST, strategy="exhaustive")
+    records = cache.scan().records
+    model = CostModel.train("fused_moe", "cpu", records[:-2])
+    assert model is not None
+    quality = evaluate(model, records[-2:])
+    assert quality["problems"] == 2 and -1.0 <= quality["spearman"] <= 1.0
+    configs = list(space.cpu_configs())
+    ranked = model.rank("fused_moe", "cpu", dict(records[-1].key.problem), configs)
+    assert sorted(map(str, ranked)) == sorted(map(str, configs))
+    assert CostModel.train("fused_moe", "cpu", records[:1]) is None  # too few problems: no model
+
+
+def test_tune_calls_reports_problems(cache):
+    args = space.make_inputs(10, 32, 32, 4, 2, seed=1)
+    result = tune_calls(lambda: torch.ops.adaptc.fused_moe(*args), FAST)
+    assert result["measured"] > 0 and result["kernels"][0]["problem"]["T"] == 16
