@@ -82,12 +82,13 @@ class CostModel:
             groups.append(len(record.trials))
         if len(groups) < MIN_GROUPS:
             return None
-        ranker = lgb.LGBMRanker(objective="lambdarank", n_estimators=200, learning_rate=0.05, num_leaves=15,
-                                min_child_samples=3, label_gain=list(range(31)), random_state=seed,
-                                deterministic=True, force_row_wise=True, verbose=-1)
-        ranker.fit(np.concatenate(X), np.asarray(y), group=groups)
+        params = {"objective": "lambdarank", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 3,
+                  "label_gain": list(range(31)), "seed": seed, "deterministic": True, "force_row_wise": True,
+                  "num_threads": 1, "verbose": -1}
+        data = lgb.Dataset(np.concatenate(X), np.asarray(y), group=groups)
+        booster = lgb.train(params, data, num_boost_round=200)
         names = [f"knob.{k}" for k in space.knobs] + [f"log2(1+{k})" for k in sorted(KERNELS[kernel].features(problem))]
-        return cls(kernel, impl, ranker, names)
+        return cls(kernel, impl, booster, names)
 
 
 def _features(kernel: str, space: ConfigSpace, problem: dict[str, Any], configs: Iterable[dict[str, Any]]) -> np.ndarray:
