@@ -43,9 +43,11 @@ def info(as_json: bool) -> None:
         kernel_table.add_row(name, ", ".join(k["implementations"]))
     Console().print(device_table, kernel_table)
 
-from .cache.cli import cache  # noqa: E402  (subcommand groups are defined beside what they drive)
+from .cache.cli import cache  # noqa: E402  (subcommands are defined beside what they drive)
+from .tuner.cli import tune_command  # noqa: E402
 
 main.add_command(cache)
+main.add_command(tune_command)
 
 
 if __name__ == "__main__":

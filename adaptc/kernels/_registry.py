@@ -55,6 +55,8 @@ class Kernel:
     features: Callable[[dict[str, Any]], dict[str, float]] = lambda p: {}
     # tolerance(dtype): atol/rtol against the reference, for tests and for rejecting bad configs.
     tolerance: Callable[[Any], dict[str, float]] = lambda dtype: {"atol": 1e-4, "rtol": 1e-4}
+    # example(problem, device): random arguments for a problem (ahead-of-time tuning, replay tables).
+    example: Callable[[dict[str, Any], str], tuple] | None = None
 
     def select(self, device_type: str, *args: Any) -> tuple[str, Callable[..., Any]]:
         """The implementation to run on `device_type` for these arguments, and its name."""

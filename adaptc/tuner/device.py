@@ -64,9 +64,15 @@ class DeviceFingerprint:
         d["id"] = self.id
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "DeviceFingerprint":
+        return cls(**{k: (tuple(v) if k == "isa" else v) for k, v in d.items() if k != "id"})
+
 
 def device_fingerprint(device: object = "cpu") -> DeviceFingerprint:
     """The fingerprint of `device` ("cpu", "cuda", "cuda:1" or a torch.device). Cached per device."""
+    if isinstance(device, DeviceFingerprint):
+        return device
     text = str(device)
     kind, _, index = text.partition(":")
     if kind == "cuda":

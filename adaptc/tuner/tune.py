@@ -111,10 +111,10 @@ def search(space: ConfigSpace, candidates: list[dict[str, Any]], measure: Measur
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     valid = {canonical(c): c for c in candidates}
-    if strategy == "exhaustive" or (len(valid) <= budget.trials and storage is None):
+    if storage is None and (strategy == "exhaustive" or len(valid) <= budget.trials):
         order = ranked or candidates
         return _run_list([c for c in order if canonical(c) in valid][:budget.trials], measure, budget, on_trial)
-    if strategy == "random":
+    if strategy == "random" and storage is None:
         pool = list(valid.values())
         random.Random(seed).shuffle(pool)
         return _run_list(pool[:budget.trials], measure, budget, on_trial)
@@ -174,6 +174,31 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
     return trials
 
 
+def optuna_storage(url: str | None) -> Any:
+    """An Optuna storage that workers share: postgresql://… (RDB) or redis://… (journal)."""
+    if url is None:
+        return None
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalRedisBackend
+
+        return JournalStorage(JournalRedisBackend(url))
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, which the cache uses too
+    return url  # any SQLAlchemy URL (sqlite:///…)
+
+
+def study_trials(storage: Any, study_name: str) -> list[Trial]:
+    """Every finished trial of a shared study, whichever worker ran it."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    return [Trial(t.params, t.value if t.state == TrialState.COMPLETE else None,
+                  "ok" if t.state == TrialState.COMPLETE else "crashed")
+            for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+
+
 def best_trial(trials: list[Trial]) -> Trial | None:
     """The fastest correct trial; equal times break on the config, so the pick is reproducible."""
     ok = [t for t in trials if t.status == "ok"]
@@ -201,7 +226,8 @@ def tune(kernel: str, impl: str, args: tuple, *, cache: TuningCache, budget: Bud
         ranked = [default, *[c for c in (ranked or candidates) if c != default]]
     trials = search(space, candidates, live_measure(kernel, impl, args, budget), budget, strategy=strategy,
                     ranked=ranked, seed=seed, storage=storage, study_name=key.digest, on_trial=on_trial)
-    best = best_trial(trials)
+    # With a shared study, the best of every worker's trials.
+    best = best_trial(study_trials(storage, key.digest) if storage is not None else trials)
     if best is None:
         record = TuningRecord(key, config={}, time_s=None, status="crashed", trials=trials)
         config, source = space.default(*args), "default"

@@ -226,6 +226,12 @@ def make_inputs(T: int, H: int, I: int, E: int, K: int, *, dtype: torch.dtype = 
             w13.to(device, dtype), w2.to(device, dtype), activation, gated)
 
 
+def example_inputs(p: dict[str, Any], device: str = "cpu", seed: int = 0) -> tuple:
+    """Random arguments for a `problem` dict."""
+    return make_inputs(p["T"], p["H"], p["I"], p["E"], p["K"], dtype=getattr(torch, p["dtype"]), device=device,
+                       gated=p["gated"], seed=seed)
+
+
 def sample_inputs(device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> Iterator[tuple]:
     """Small problems every implementation must match the reference on (argument tuples)."""
     shapes = [  # T, H, I, E, K, gated, activation, skip_experts, ids dtype

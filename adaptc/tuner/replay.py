@@ -1,0 +1,70 @@
+"""Replay tables: every config of a space timed once per problem, so searches can be compared offline.
+
+A table is JSON: the kernel, implementation and device fingerprint it was recorded on, and per
+problem the trial of every config (time or failure). `replay_measure` answers a search from the
+table instead of the device, so CI compares random search, TPE and cost model + TPE without a GPU.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..cache import Trial, TuningRecord
+from ..kernels._registry import KERNELS
+from .device import DeviceFingerprint, device_fingerprint
+from .tune import Budget, Measure, best_trial, canonical, key_for, live_measure
+
+FORMAT = "adaptc-replay"
+VERSION = 1
+
+
+def record_table(kernel: str, impl: str, problems: Iterable[tuple], budget: Budget = Budget(),
+                 on_problem: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Measure every config that fits, for each argument tuple in `problems`."""
+    k = KERNELS[kernel]
+    space = k.implementations[impl].space
+    entries, device = [], None
+    for i, args in enumerate(problems):
+        device = args[0].device
+        measure = live_measure(kernel, impl, args, budget)
+        trials = [measure(c) for c in space.configs(*args)]
+        entries.append({"problem": k.problem(*args), "trials": [t.to_dict() for t in trials]})
+        if on_problem:
+            on_problem(i)
+    return {"format": FORMAT, "version": VERSION, "kernel": kernel, "implementation": impl,
+            "device": device_fingerprint(device or "cpu").to_dict(), "problems": entries}
+
+
+def load_table(path: str | Path) -> dict[str, Any]:
+    table = json.loads(Path(path).read_text())
+    if table.get("format") != FORMAT or table.get("version") != VERSION:
+        raise ValueError(f"{path}: not an {FORMAT} table of version {VERSION}")
+    return table
+
+
+def trials_of(entry: dict[str, Any]) -> list[Trial]:
+    return [Trial(t["config"], t["time_s"], t["status"]) for t in entry["trials"]]
+
+
+def replay_measure(entry: dict[str, Any]) -> Measure:
+    """A Measure that looks configs up in one problem's recorded trials."""
+    by_config = {canonical(dict(t.config)): t for t in trials_of(entry)}
+    return lambda config: by_config[canonical(config)]
+
+
+def best_time(entry: dict[str, Any]) -> float:
+    return best_trial(trials_of(entry)).time_s
+
+
+def as_records(table: dict[str, Any]) -> list[TuningRecord]:
+    """The table as tuning records (one per problem), e.g. to train the cost model on."""
+    device = DeviceFingerprint.from_dict(table["device"])
+    records = []
+    for entry in table["problems"]:
+        trials = trials_of(entry)
+        best = best_trial(trials)
+        key = key_for(table["kernel"], table["implementation"], entry["problem"], device)
+        records.append(TuningRecord(key, dict(best.config) if best else {}, best.time_s if best else None,
+                                    "ok" if best else "crashed", tuple(trials)))
+    return records
