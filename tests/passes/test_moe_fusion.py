@@ -1,8 +1,11 @@
 """MoE fusion on real Hugging Face architectures and on user-written blocks: applied, exact, saved."""
+import os
+
 import pytest
 import torch
 
 import adaptc
+from adaptc.kernels import kernel_preference
 from adaptc.passes.moe_fusion import FusedMoE
 from tests.moe_models import EXPERTS_IMPLEMENTATIONS, HF_MOE, UserMoE, UserMoEModel, hf_causal_lm
 
@@ -137,3 +140,12 @@ def test_no_moe_is_skipped_with_reason():
     fast = adaptc.compile(model, example_inputs=(torch.randn(2, 8),))
     entry = moe_status(fast)
     assert entry["status"] == "skipped" and "no Mixture-of-Experts" in entry["reason"]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+def test_fused_model_runs_the_triton_kernels():
+    model = hf_causal_lm("qwen2_moe")
+    fast = adaptc.compile(model, example_inputs=(ids(),), tune=False)
+    y = ids(batch=2, seq=6, seed=3)
+    with torch.no_grad(), kernel_preference("triton"):
+        torch.testing.assert_close(fast(y).logits, model(y).logits, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,153 @@
+"""Tuner benchmark: how many measurements each search strategy needs, replayed from recorded tables.
+
+    .venv/bin/python benchmarks/tuner.py --record          # time every config on this device first
+    .venv/bin/python benchmarks/tuner.py                   # replay every table in benchmarks/results/
+
+A replay table holds the time of every config of a kernel's space for a set of problems (recorded
+once, on the device it names). For each problem held out in turn, the cost model trains on the other
+problems' tables; then random search, plain TPE and cost model + TPE each search the held-out
+problem against the table, over several seeds. The figure: measurements until a config within 5% of
+the exhaustive best is found. Also: the cost model's rank quality on held-out problems, and
+`adaptc.compile` cold (empty tuning cache) vs warm.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from adaptc.kernels import KERNELS
+from adaptc.tuner.cost_model import CostModel, evaluate
+from adaptc.tuner.replay import as_records, best_time, load_table, record_table, replay_measure
+from adaptc.tuner.tune import Budget, canonical, search
+
+RESULTS = Path(__file__).parent / "results"
+STRATEGIES = ("random", "tpe", "model+tpe")
+WITHIN = 1.05
+# CPU grid for the fused_moe CPU implementation: Mixtral-like and Qwen-like widths, decode to prefill.
+CPU_GRID = [dict(H=H, I=I, E=E, K=K) for H, I, E, K in
+            [(512, 1792, 8, 2), (1024, 512, 60, 4), (768, 384, 32, 4), (1024, 3584, 8, 2)]]
+CPU_TOKENS = (1, 8, 32, 128, 512)
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def record(kernel: str, impl: str, device: str) -> Path:
+    k = KERNELS[kernel]
+    problems = [{**p, "T": t, "dtype": "float32" if device == "cpu" else "bfloat16", "gated": True}
+                for p in CPU_GRID for t in CPU_TOKENS]
+    args = (k.example(p, device) for p in problems)
+    table = record_table(kernel, impl, args, Budget(seconds_per_trial=0.2),
+                         on_problem=lambda i: print(f"  recorded {i + 1}/{len(problems)}", file=sys.stderr))
+    path = RESULTS / f"replay-{kernel}-{impl}-{slug(table['device']['name'])}.json"
+    path.write_text(json.dumps(table, indent=1))
+    return path
+
+
+def measurements_to_near_best(trials, best: float) -> int:
+    for i, t in enumerate(trials, 1):
+        if t.status == "ok" and t.time_s <= WITHIN * best:
+            return i
+    return len(trials) + 1  # never found within the budget
+
+
+def replay(table: dict, seeds: int) -> dict:
+    kernel, impl = table["kernel"], table["implementation"]
+    k = KERNELS[kernel]
+    space = k.implementations[impl].space
+    records = as_records(table)
+    results = {s: [] for s in STRATEGIES}
+    qualities = []
+    for i, entry in enumerate(table["problems"]):
+        args = k.example(entry["problem"], "cpu")  # only shapes and dtype matter to the space
+        recorded = {canonical(t["config"]) for t in entry["trials"]}
+        candidates = [c for c in space.configs(*args) if canonical(c) in recorded]
+        model = CostModel.train(kernel, impl, records[:i] + records[i + 1:])
+        if model is not None:
+            qualities.append(evaluate(model, [records[i]]))
+        default = space.default(*args)
+        ranked = [default, *[c for c in (model.rank(kernel, impl, entry["problem"], candidates) if model else candidates)
+                             if c != default]]
+        best = best_time(entry)
+        budget = Budget(trials=len(candidates), seconds=1e9)
+        for strategy in STRATEGIES:
+            for seed in range(seeds):
+                trials = search(space, candidates, replay_measure(entry), budget, strategy=strategy,
+                                ranked=ranked, seed=seed)
+                results[strategy].append(measurements_to_near_best(trials, best) / len(candidates))
+    summary = {s: {"mean_fraction_of_space": statistics.mean(v), "max_fraction_of_space": max(v)}
+               for s, v in results.items()}
+    q = [x for x in qualities if x.get("problems")]
+    quality = {m: statistics.mean(x[m] for x in q) for m in ("spearman", "top1", "top5")} if q else {}
+    return {"kernel": kernel, "implementation": impl, "device": table["device"]["name"],
+            "space_size": len(table["problems"][0]["trials"]),
+            "problems": len(table["problems"]), "seeds": seeds, "strategies": summary, "cost_model": quality}
+
+
+def compile_cold_vs_warm() -> dict:
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    import adaptc
+    from adaptc.cache import reset_default_cache
+    from tests.moe_models import hf_causal_lm
+
+    model = hf_causal_lm("mixtral")
+    ids = torch.randint(3, 96, (2, 32))
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        os.environ["ADAPTC_CACHE_DIR"] = d
+        reset_default_cache()
+        for label in ("cold", "warm"):
+            t0 = time.perf_counter()
+            fast = adaptc.compile(model, example_inputs=(ids,))
+            tuning = adaptc.report(fast)["tuning"]
+            out[label] = {"seconds": time.perf_counter() - t0, "measured": tuning["measured"], "cache_hits": tuning["cache_hits"]}
+    reset_default_cache()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--record", action="store_true", help="record a replay table for this device's implementation first")
+    ap.add_argument("--tables", nargs="*", type=Path, default=None, help="default: benchmarks/results/replay-*.json")
+    ap.add_argument("--seeds", type=int, default=5)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.record:
+        print(f"recorded {record('fused_moe', 'triton' if device == 'cuda' else 'cpu', device)}", file=sys.stderr)
+    tables = args.tables if args.tables is not None else sorted(RESULTS.glob("replay-*.json"))
+    doc = {"benchmark": "tuner", "date": time.strftime("%Y-%m-%d"), "within": WITHIN,
+           "replays": [replay(load_table(p), args.seeds) for p in tables], "compile": compile_cold_vs_warm()}
+    lines = [f"# Tuner benchmark ({doc['date']})", "",
+             "Measurements to reach a config within 5% of the exhaustive best, as a fraction of the space "
+             "(mean over held-out problems and seeds; lower is better).", ""]
+    for r in doc["replays"]:
+        lines.append(f"## {r['kernel']}/{r['implementation']} on {r['device']} "
+                     f"({r['problems']} problems, {r['space_size']} configs each)")
+        lines += ["", "| strategy | mean | worst |", "|---|---|---|"]
+        lines += [f"| {s} | {v['mean_fraction_of_space']:.1%} | {v['max_fraction_of_space']:.1%} |" for s, v in r["strategies"].items()]
+        if r["cost_model"]:
+            q = r["cost_model"]
+            lines += ["", f"Cost model on held-out problems: Spearman {q['spearman']:.2f}, top-1 {q['top1']:.0%}, top-5 {q['top5']:.0%}"]
+        lines.append("")
+    c = doc["compile"]
+    lines.append(f"`adaptc.compile` (tiny Mixtral): cold {c['cold']['seconds']:.2f}s ({c['cold']['measured']} measured), "
+                 f"warm {c['warm']['seconds']:.2f}s ({c['warm']['measured']} measured, {c['warm']['cache_hits']} cache hits)")
+    RESULTS.mkdir(exist_ok=True)
+    name = slug(doc["replays"][0]["device"]) if doc["replays"] else device
+    (RESULTS / f"tuner-{name}.json").write_text(json.dumps(doc, indent=2))
+    (RESULTS / f"tuner-{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
