@@ -105,7 +105,7 @@ def _site_plan(working: nn.Module, path: str) -> dict[str, Any]:
 
 def _tune(ctx: CompileContext) -> dict[str, Any]:
     """Tune every kernel problem the rewritten model calls on the example inputs (cache first)."""
-    from .tuner import Budget, tune_calls
+    from .tuner.session import Budget, tune_calls  # also makes the tuning cache the kernels' config source
 
     c = ctx.config
     budget = Budget(trials=c.tune_trials, seconds=c.tune_seconds)

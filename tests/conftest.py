@@ -185,3 +185,21 @@ def dead_url() -> Callable[[str], str]:
         user = "adaptc:secret@" if scheme == "postgresql" else ""
         return f"{scheme}://{user}127.0.0.1:{port}{path}"
     return make
+
+
+# -- Isolation ----------------------------------------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch) -> Iterator[None]:
+    """Every test gets a fresh tuning cache directory, no shared URL and no tuned configs in memory:
+    tests never read or write the user's real cache, nor each other's."""
+    from adaptc.cache import reset_default_cache
+    from adaptc.kernels._registry import _CONFIGS
+
+    monkeypatch.setenv("ADAPTC_CACHE_DIR", str(tmp_path / "adaptc-cache"))
+    monkeypatch.delenv("ADAPTC_CACHE_URL", raising=False)
+    reset_default_cache()
+    _CONFIGS.clear()
+    yield
+    reset_default_cache()
+    _CONFIGS.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +19,24 @@ TABLE = f"tuning_v{SCHEMA_VERSION}"
 DB_NAME = "tuning.db"
 BUSY_TIMEOUT_S = 30.0
 MEMORY = ":memory:"
+
+
+def _setup(conn: sqlite3.Connection, wal: bool) -> None:
+    # Switching to WAL takes an exclusive lock that the busy timeout does not wait for: when several
+    # processes open a new file at once, the losers retry for a while instead of failing.
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            if wal:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")  # WAL makes this crash-safe; a lost last record is re-tuned
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} "
+                         "(key TEXT PRIMARY KEY, kernel TEXT NOT NULL, value TEXT NOT NULL)")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class SQLiteBackend(Backend):
@@ -47,11 +66,7 @@ class SQLiteBackend(Backend):
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
-            if self.path != MEMORY:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")  # WAL makes this crash-safe; a lost last record is re-tuned
-            conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} "
-                         "(key TEXT PRIMARY KEY, kernel TEXT NOT NULL, value TEXT NOT NULL)")
+            _setup(conn, wal=self.path != MEMORY)
         except (OSError, sqlite3.Error) as e:
             raise BackendUnavailable(f"cannot open the SQLite cache {self.path}: {e}") from None
         self._conn, self._pid = conn, os.getpid()

@@ -65,6 +65,7 @@ def save(module: nn.Module, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
     from .. import kernels  # noqa: F401  (the adaptc:: ops a saved graph calls)
+    from ..tuner import session  # noqa: F401  (tuned configs come from the cache)
 
     try:
         with zipfile.ZipFile(path) as zf:

@@ -1,21 +1,10 @@
-"""Keep every cache test away from the user's real cache: a fresh directory and no shared URL."""
+"""Cache test helpers (the cache itself is isolated per test by tests/conftest.py)."""
 from __future__ import annotations
 
 import warnings
 from typing import Iterator
 
 import pytest
-
-from adaptc.cache import reset_default_cache
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch) -> Iterator[None]:
-    monkeypatch.setenv("ADAPTC_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("ADAPTC_CACHE_URL", raising=False)
-    reset_default_cache()
-    yield
-    reset_default_cache()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import adaptc
 from adaptc.cache import open_cache
 from adaptc.kernels._registry import KERNELS, ConfigSpace, Implementation, Kernel, config_for, register
 from adaptc.kernels.moe import space
-from adaptc.tuner import tune_calls
+from adaptc.tuner.session import tune_calls
 from adaptc.tuner.cost_model import CostModel, evaluate
 from adaptc.tuner.tune import Budget, best_trial, search, tune
 from adaptc.cache import Trial
@@ -16,17 +16,8 @@ from tests.moe_models import hf_causal_lm
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADAPTC_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("ADAPTC_CACHE_URL", raising=False)
-    from adaptc.cache import reset_default_cache
-    from adaptc.kernels._registry import _CONFIGS
-
-    reset_default_cache()
-    _CONFIGS.clear()
-    yield open_cache()
-    reset_default_cache()
-    _CONFIGS.clear()
+def cache():
+    return open_cache()  # the per-test directory tests/conftest.py sets up
 
 
 FAST = Budget(trials=12, seconds=20, seconds_per_trial=0.005)

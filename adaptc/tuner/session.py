@@ -1,0 +1,59 @@
+"""A compile's tuning: every kernel a compiled module calls gets a config measured on this device, or
+one some machine measured before, from the tuning cache. `tune_calls` is what `adaptc.compile` runs;
+importing this module makes the cache the kernels' config source at run time."""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import torch
+
+from ..kernels._registry import KERNELS, set_config_source, trace_calls
+from .tune import Budget, Outcome, key_for, tune
+
+
+def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any = None, strategy: str = "model+tpe",
+               seed: int = 0) -> dict[str, Any]:
+    """Run `run()` once to see which kernel problems it calls, then tune each (cache first).
+
+    Returns the report's `tuning` entry: {measured, cache_hits, kernels: [...]}.
+    """
+    from rich.progress import Progress
+
+    from ..cache import default_cache
+    from .cost_model import CostModel
+
+    with trace_calls() as calls, torch.no_grad():
+        run()
+    cache = cache if cache is not None else default_cache()
+    models: dict[tuple[str, str], Any] = {}
+    outcomes: list[Outcome] = []
+    tunable = [(k, i, a) for k, i, a in calls.values() if KERNELS[k].implementations[i].space is not None]
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task("tuning kernels", total=len(tunable) * budget.trials)
+        for kernel, impl, args in tunable:
+            progress.update(task, description=f"tuning {kernel}/{impl}")
+            if (kernel, impl) not in models and strategy == "model+tpe":
+                models[(kernel, impl)] = CostModel.train(kernel, impl, cache.scan().records)
+            outcome = tune(kernel, impl, args, cache=cache, budget=budget, strategy=strategy, seed=seed,
+                           cost_model=models.get((kernel, impl)), on_trial=lambda _: progress.advance(task))
+            outcomes.append(outcome)
+    return {
+        "measured": sum(o.measured for o in outcomes),
+        "cache_hits": sum(o.source == "cache" for o in outcomes),
+        "kernels": [{"kernel": o.kernel, "implementation": o.implementation, "problem": o.problem,
+                     "config": o.config, "source": o.source, "measured": o.measured, "time_s": o.time_s}
+                    for o in outcomes],
+    }
+
+
+def _from_cache(kernel: str, impl: str, problem: dict[str, Any], device_type: str) -> dict[str, Any] | None:
+    """Config source for kernels at run time: a problem first seen after compile (another token
+    count, or a module loaded in a new process) takes what the cache holds for it."""
+    from ..cache import default_cache
+
+    record = default_cache().get(key_for(kernel, impl, problem, device_type))
+    return dict(record.config) if record is not None and record.status == "ok" else None
+
+
+set_config_source(_from_cache)
