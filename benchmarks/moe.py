@@ -17,7 +17,6 @@ Results: benchmarks/results/moe-<device>.json and .md, with the device name.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os

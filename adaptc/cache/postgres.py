@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from adaptc.cache.record import (SCHEMA_VERSION, Backend, BackendUnavailable, BackendWriteError, RecordError,
+from adaptc.cache.record import (SCHEMA_VERSION, SQLBackend, BackendUnavailable, BackendWriteError, RecordError,
                                   redact_url)
 
 TABLE = f"adaptc_tuning_v{SCHEMA_VERSION}"
@@ -19,7 +19,8 @@ DEFAULT_CONNECT_TIMEOUT_S = 2  # libpq's minimum; a dead shared cache must not s
 _CREATE_LOCK_ID = 0x61646170  # "adap"
 
 
-class PostgresBackend(Backend):
+class PostgresBackend(SQLBackend):
+    table, param = TABLE, "%s"
     kind = "postgresql"
 
     def __init__(self, url: str) -> None:
@@ -71,35 +72,16 @@ class PostgresBackend(Backend):
                         f"postgresql at {redact_url(self.url)} refused the write: {_first_line(e)}") from None
                 raise RecordError(f"postgresql at {redact_url(self.url)} refused the read: {_first_line(e)}") from None
 
-    def get_text(self, digest: str) -> str | None:
-        rows = self._run(f"SELECT value FROM {TABLE} WHERE key = %s", (digest,))
-        return rows[0][0] if rows else None
-
     def put_text(self, digest: str, kernel: str, text: str, overwrite: bool = True) -> bool:
         conflict = ("DO UPDATE SET kernel = EXCLUDED.kernel, value = EXCLUDED.value, updated_at = now()"
                     if overwrite else "DO NOTHING")
         sql = f"INSERT INTO {TABLE} (key, kernel, value) VALUES (%s, %s, %s) ON CONFLICT (key) {conflict}"
         return self._run(sql, (digest, kernel, text), write=True) > 0
 
-    def iter_text(self) -> Iterator[tuple[str, str]]:
-        yield from self._run(f"SELECT key, value FROM {TABLE} ORDER BY kernel, key")
-
-    def count(self) -> int:
-        return self._run(f"SELECT COUNT(*) FROM {TABLE}")[0][0]
-
-    def delete_all(self) -> int:
-        return self._run(f"DELETE FROM {TABLE}", write=True)
-
     def stats(self) -> dict[str, Any]:
         out = super().stats()
         out["table"] = TABLE
         return out
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
 
 
 def _first_line(e: Exception) -> str:

@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -218,6 +219,34 @@ class Backend(ABC):
 
     def stats(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": redact_url(self.url), "records": self.count()}
+
+
+class SQLBackend(Backend):
+    """What the SQLite and PostgreSQL stores share: one table (key, kernel, value) and a connection
+    that never crosses fork(). Subclasses give `table`, `param` (the driver's placeholder), `_run`."""
+
+    table: str
+    param: str
+
+    def get_text(self, digest: str) -> str | None:
+        rows = self._run(f"SELECT value FROM {self.table} WHERE key = {self.param}", (digest,))
+        return rows[0][0] if rows else None
+
+    def iter_text(self) -> Iterator[tuple[str, str]]:
+        # Fetched whole: a live cursor would hold a read snapshot open while the caller writes.
+        yield from self._run(f"SELECT key, value FROM {self.table} ORDER BY kernel, key")
+
+    def count(self) -> int:
+        return self._run(f"SELECT COUNT(*) FROM {self.table}")[0][0]
+
+    def delete_all(self) -> int:
+        return self._run(f"DELETE FROM {self.table}", write=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
 
 
 def redact_url(url: str) -> str:

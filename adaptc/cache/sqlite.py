@@ -11,9 +11,9 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from adaptc.cache.record import SCHEMA_VERSION, Backend, BackendUnavailable, BackendWriteError
+from adaptc.cache.record import SCHEMA_VERSION, SQLBackend, BackendUnavailable, BackendWriteError
 
 TABLE = f"tuning_v{SCHEMA_VERSION}"
 DB_NAME = "tuning.db"
@@ -39,7 +39,8 @@ def _setup(conn: sqlite3.Connection, wal: bool) -> None:
             time.sleep(0.02)
 
 
-class SQLiteBackend(Backend):
+class SQLiteBackend(SQLBackend):
+    table, param = TABLE, "?"
     kind = "sqlite"
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -84,10 +85,6 @@ class SQLiteBackend(Backend):
                     raise BackendWriteError(f"cannot write the SQLite cache {self.path}: {e}") from None
                 raise BackendUnavailable(f"cannot read the SQLite cache {self.path}: {e}") from None
 
-    def get_text(self, digest: str) -> str | None:
-        rows = self._run(f"SELECT value FROM {TABLE} WHERE key = ?", (digest,))
-        return rows[0][0] if rows else None
-
     def put_text(self, digest: str, kernel: str, text: str, overwrite: bool = True) -> bool:
         if overwrite:
             sql = (f"INSERT INTO {TABLE} (key, kernel, value) VALUES (?, ?, ?) "
@@ -96,25 +93,9 @@ class SQLiteBackend(Backend):
             sql = f"INSERT OR IGNORE INTO {TABLE} (key, kernel, value) VALUES (?, ?, ?)"
         return self._run(sql, (digest, kernel, text), write=True) > 0
 
-    def iter_text(self) -> Iterator[tuple[str, str]]:
-        # Fetched whole: a live cursor would hold a read snapshot open while the caller writes.
-        yield from self._run(f"SELECT key, value FROM {TABLE} ORDER BY kernel, key")
-
-    def count(self) -> int:
-        return self._run(f"SELECT COUNT(*) FROM {TABLE}")[0][0]
-
-    def delete_all(self) -> int:
-        return self._run(f"DELETE FROM {TABLE}", write=True)
-
     def stats(self) -> dict[str, Any]:
         out = super().stats()
         out["path"] = self.path
         if self.path != MEMORY:
             out["bytes"] = sum(os.path.getsize(p) for p in (self.path, self.path + "-wal") if os.path.exists(p))
         return out
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None

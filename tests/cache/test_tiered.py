@@ -1,7 +1,6 @@
 """The cache the compiler uses: local first, shared second, and never an exception for cache trouble."""
 import os
 import socket
-import sqlite3
 import threading
 import time
 

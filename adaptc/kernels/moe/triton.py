@@ -61,6 +61,14 @@ def _block_coords(num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _block_rows(sorted_ids_ptr, pid_m, S, BLOCK_M: tl.constexpr):
+    # The block's sorted rows, the (token, expert) pair each holds, and which are padding.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)
+    return offs_m, pair, pair < S
+
+
+@triton.jit
 def _activation(x, ACT: tl.constexpr):
     if ACT == 0:
         return x * tl.sigmoid(x)
@@ -82,9 +90,7 @@ def _up_kernel(x_ptr, w_ptr, h_ptr, sorted_ids_ptr, block_expert_ptr, num_m, S, 
     e = tl.load(block_expert_ptr + pid_m)
     if e >= E:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    valid = pair < S
+    offs_m, pair, valid = _block_rows(sorted_ids_ptr, pid_m, S, BLOCK_M)
     token = pair // TOPK
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -118,9 +124,7 @@ def _down_kernel(h_ptr, w_ptr, out_ptr, weights_ptr, sorted_ids_ptr, block_exper
     e = tl.load(block_expert_ptr + pid_m)
     if e >= E:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(sorted_ids_ptr + offs_m)
-    valid = pair < S
+    offs_m, pair, valid = _block_rows(sorted_ids_ptr, pid_m, S, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + offs_m[:, None] * stride_h + offs_k[None, :]
