@@ -20,7 +20,7 @@ def cache():
     return open_cache()  # the per-test directory tests/conftest.py sets up
 
 
-FAST = Budget(trials=12, seconds=20, seconds_per_trial=0.005)
+FAST = Budget(trials=16, seconds=20, seconds_per_trial=0.005)
 
 
 def test_compile_measures_once_then_hits_the_cache(cache):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .._registry import ConfigSpace, Implementation, Kernel, register
 from . import space
-from .cpu import cpu_fused_moe
+from .cpu import cpu_fused_moe, grouped_mm_available
 from .reference import torch_fused_moe
 
 
@@ -28,7 +28,8 @@ def _cpu_supports(hidden, *args) -> str | None:
     return None if hidden.device.type == "cpu" else f"tensors are on {hidden.device.type}, not cpu"
 
 
-CPU_SPACE = ConfigSpace(space.CPU_SPACE, lambda *a: space.cpu_default_config(*_dims(*a)))
+CPU_SPACE = ConfigSpace(space.CPU_SPACE, lambda *a: space.cpu_default_config(*_dims(*a)),
+                        lambda cfg, *a: space.cpu_config_fits(cfg, grouped_mm_available()))
 TRITON_SPACE = ConfigSpace(space.TRITON_SPACE, lambda *a: space.triton_default_config(*_dims(*a)),
                            lambda cfg, *a: space.triton_config_fits(cfg, a[0].dtype, a[6]))
 

@@ -150,6 +150,9 @@ def _next_pow2(n: int) -> int:
 # ----------------------------------------------------------------------------------------------
 
 CPU_SPACE: dict[str, list[Any]] = {
+    # "loop": a GEMM pair per hit expert (the knobs below apply). "grouped_mm": torch's grouped GEMM,
+    # one call per projection (faster with many small experts on some CPUs; needs torch >= 2.9).
+    "algorithm": ["loop", "grouped_mm"],
     # "wx": W @ x^T per expert (activations kept [features, rows]); MKL streams the weight matrix
     # with few rows far better this way. "xw": x @ W^T, the nn.functional.linear layout.
     "layout": ["wx", "xw"],
@@ -164,13 +167,21 @@ CPU_SPACE: dict[str, list[Any]] = {
 
 def cpu_default_config(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, gated: bool) -> dict[str, Any]:
     # pair_sum: 1.0-1.4x index_add measured on 2 cores.
-    return {"layout": "wx", "combine": "pair_sum", "row_pad": 1}
+    return {"algorithm": "loop", "layout": "wx", "combine": "pair_sum", "row_pad": 1}
+
+
+def cpu_config_fits(cfg: dict[str, Any], grouped_mm_available: bool = True) -> bool:
+    """grouped_mm ignores the loop's knobs: keep one config of it, and only where torch has it."""
+    if cfg["algorithm"] == "grouped_mm":
+        return grouped_mm_available and (cfg["layout"], cfg["combine"], cfg["row_pad"]) == ("wx", "pair_sum", 1)
+    return True
 
 
 def cpu_configs() -> Iterator[dict[str, Any]]:
     keys = list(CPU_SPACE)
     for values in itertools.product(*(CPU_SPACE[k] for k in keys)):
-        yield dict(zip(keys, values))
+        if cpu_config_fits(cfg := dict(zip(keys, values))):
+            yield cfg
 
 
 def default_config(device_type: str, T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype,
