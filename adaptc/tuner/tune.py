@@ -160,8 +160,16 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
         if key not in valid:  # pruned by the space's constraint: costs no measurement
             study.tell(trial, state=TrialState.PRUNED)
             continue
+        if key not in done and storage is not None:
+            state = _shared_state(study, trial, config)
+            if state == "running":  # another worker is measuring it right now
+                study.tell(trial, state=TrialState.PRUNED)
+                continue
+            if state is not None:
+                done[key] = state[0]
         if key not in done:
             result = measure(config)
+            trial.set_user_attr("measured", True)
             trials.append(result)
             if on_trial:
                 on_trial(result)
@@ -174,18 +182,53 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
     return trials
 
 
+def _shared_state(study: Any, trial: Any, config: dict[str, Any]) -> tuple[float | None] | str | None:
+    """What the other workers did with `config`: (value,) when finished (None if it failed),
+    "running" while one measures it, None when nobody has."""
+    from optuna.trial import TrialState
+
+    running = False
+    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)):
+        if other.number == trial.number or other.params != config:
+            continue
+        if other.state == TrialState.COMPLETE:
+            return (other.value,)
+        if other.state == TrialState.FAIL:
+            return (None,)
+        running = running or other.user_attrs.get("measured", False) or other.number < trial.number
+    return "running" if running else None
+
+
 def optuna_storage(url: str | None) -> Any:
     """An Optuna storage that workers share: postgresql://… (RDB) or redis://… (journal)."""
     if url is None:
         return None
     if url.startswith(("redis://", "rediss://", "unix://")):
+        import warnings
+
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalRedisBackend
 
-        return JournalStorage(JournalRedisBackend(url))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "experimental" since Optuna 3.1; the API we use is stable
+            return JournalStorage(JournalRedisBackend(url))
     if url.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, which the cache uses too
-    return url  # any SQLAlchemy URL (sqlite:///…)
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, which the cache uses too
+    return _rdb_storage(url)
+
+
+def _rdb_storage(url: str, attempts: int = 5) -> Any:
+    # Workers starting together race to create Optuna's tables; the losers see them on a retry.
+    import sqlalchemy.exc
+    from optuna.storages import RDBStorage
+
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url)
+        except sqlalchemy.exc.IntegrityError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def study_trials(storage: Any, study_name: str) -> list[Trial]:
