@@ -27,7 +27,7 @@ import torch
 from adaptc.kernels import KERNELS
 from adaptc.tuner.cost_model import CostModel, evaluate
 from adaptc.tuner.replay import as_records, best_time, load_table, record_table, replay_measure
-from adaptc.tuner.tune import Budget, canonical, search
+from adaptc.tuner.tune import Budget, canonical, measure_order, search
 
 RESULTS = Path(__file__).parent / "results"
 STRATEGIES = ("random", "tpe", "model+tpe")
@@ -75,9 +75,8 @@ def replay(table: dict, seeds: int) -> dict:
         model = CostModel.train(kernel, impl, records[:i] + records[i + 1:])
         if model is not None:
             qualities.append(evaluate(model, [records[i]]))
-        default = space.default(*args)
-        ranked = [default, *[c for c in (model.rank(kernel, impl, entry["problem"], candidates) if model else candidates)
-                             if c != default]]
+        model_order = model.rank(kernel, impl, entry["problem"], candidates) if model else None
+        ranked = measure_order(space.default(*args), model_order or candidates, trusted=model is not None)
         best = best_time(entry)
         budget = Budget(trials=len(candidates), seconds=1e9)
         for strategy in STRATEGIES:

@@ -144,11 +144,16 @@ def list_(cache: TuningCache, as_json: bool, kernel: str | None, device: str | N
 @click.option("--kernel", default=None, help="Only records of this kernel.")
 @click.option("--device", "device", default="cpu", show_default=True,
               help="The device to name in the bundle's header (cpu or cuda[:N]).")
+@click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @_options
-def export_(cache: TuningCache, as_json: bool, file: str, kernel: str | None, device: str) -> None:
+def export_(cache: TuningCache, as_json: bool, file: str, kernel: str | None, device: str, force: bool) -> None:
     """Write the cache's records to a JSON bundle FILE."""
+    import os
+
     from adaptc.cache.bundle import export_bundle
 
+    if os.path.exists(file) and not force:
+        raise click.ClickException(f"{file} exists; pass --force to replace it")
     report = export_bundle(cache, file, kernel=kernel, device=device)
     if as_json:
         _echo_json(vars(report))

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 from ..kernels._registry import KERNELS, set_config_source, trace_calls
-from .tune import Budget, Outcome, key_for, tune
+from .tune import Budget, Outcome, key_for, record_key, tune
 
 
 def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any = None, strategy: str = "model+tpe",
@@ -33,10 +33,12 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
         task = progress.add_task("tuning kernels", total=len(tunable) * budget.trials)
         for kernel, impl, args in tunable:
             progress.update(task, description=f"tuning {kernel}/{impl}")
-            if (kernel, impl) not in models and strategy == "model+tpe":
+            # The model trains on the whole cache: only worth it when something must be measured.
+            if strategy == "model+tpe" and (kernel, impl) not in models and cache.get(record_key(kernel, impl, args)) is None:
                 models[(kernel, impl)] = CostModel.train(kernel, impl, cache.scan().records)
             outcome = tune(kernel, impl, args, cache=cache, budget=budget, strategy=strategy, seed=seed,
                            cost_model=models.get((kernel, impl)), on_trial=lambda _: progress.advance(task))
+            progress.advance(task, budget.trials - outcome.measured)
             outcomes.append(outcome)
     return {
         "measured": sum(o.measured for o in outcomes),

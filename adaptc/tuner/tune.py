@@ -111,13 +111,14 @@ def search(space: ConfigSpace, candidates: list[dict[str, Any]], measure: Measur
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     valid = {canonical(c): c for c in candidates}
-    if storage is None and (strategy == "exhaustive" or len(valid) <= budget.trials):
-        order = ranked or candidates
-        return _run_list([c for c in order if canonical(c) in valid][:budget.trials], measure, budget, on_trial)
-    if strategy == "random" and storage is None:
+    if storage is None and strategy == "random":
         pool = list(valid.values())
         random.Random(seed).shuffle(pool)
         return _run_list(pool[:budget.trials], measure, budget, on_trial)
+    # A space the budget covers needs no sampler: measure it in the model's order.
+    if storage is None and (strategy == "exhaustive" or (strategy == "model+tpe" and len(valid) <= budget.trials)):
+        order = ranked or candidates
+        return _run_list([c for c in order if canonical(c) in valid][:budget.trials], measure, budget, on_trial)
     return _optuna_search(space, valid, measure, budget, ranked if strategy == "model+tpe" else None,
                           seed, storage, study_name, on_trial)
 
@@ -242,6 +243,13 @@ def study_trials(storage: Any, study_name: str) -> list[Trial]:
             for t in study.get_trials(deepcopy=False) if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
 
 
+def measure_order(default: dict[str, Any], ranked: list[dict[str, Any]], trusted: bool) -> list[dict[str, Any]]:
+    """What to measure first: the cost model's pick, then the hand-written default (a safety net
+    should the model be wrong), then the model's order. Without a model, the default leads."""
+    rest = [c for c in ranked if c != default]
+    return [rest[0], default, *rest[1:]] if trusted and rest else [default, *rest]
+
+
 def best_trial(trials: list[Trial]) -> Trial | None:
     """The fastest correct trial; equal times break on the config, so the pick is reproducible."""
     ok = [t for t in trials if t.status == "ok"]
@@ -264,9 +272,8 @@ def tune(kernel: str, impl: str, args: tuple, *, cache: TuningCache, budget: Bud
     candidates = space.configs(*args)
     ranked = None
     if strategy == "model+tpe":
-        default = space.default(*args)
-        ranked = cost_model.rank(kernel, impl, problem, candidates) if cost_model else None
-        ranked = [default, *[c for c in (ranked or candidates) if c != default]]
+        model_order = cost_model.rank(kernel, impl, problem, candidates) if cost_model else None
+        ranked = measure_order(space.default(*args), model_order or candidates, trusted=model_order is not None)
     trials = search(space, candidates, live_measure(kernel, impl, args, budget), budget, strategy=strategy,
                     ranked=ranked, seed=seed, storage=storage, study_name=key.digest, on_trial=on_trial)
     # With a shared study, the best of every worker's trials.

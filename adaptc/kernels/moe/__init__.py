@@ -1,6 +1,8 @@
 """Fused Mixture-of-Experts: `adaptc::fused_moe` with a reference, a CPU and a Triton implementation."""
 from __future__ import annotations
 
+import torch
+
 from .._registry import ConfigSpace, Implementation, Kernel, register
 from . import space
 from .cpu import cpu_fused_moe, grouped_mm_available
@@ -30,8 +32,16 @@ def _cpu_supports(hidden, *args) -> str | None:
 
 CPU_SPACE = ConfigSpace(space.CPU_SPACE, lambda *a: space.cpu_default_config(*_dims(*a)),
                         lambda cfg, *a: space.cpu_config_fits(cfg, grouped_mm_available()))
+def _smem_bytes(device) -> int:
+    """Shared memory one block may use on `device` (H100's for CPU tensors under the interpreter)."""
+    if device.type != "cuda":
+        return space.H100_SMEM_BYTES
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", space.H100_SMEM_BYTES)
+
+
 TRITON_SPACE = ConfigSpace(space.TRITON_SPACE, lambda *a: space.triton_default_config(*_dims(*a)),
-                           lambda cfg, *a: space.triton_config_fits(cfg, a[0].dtype, a[6]))
+                           lambda cfg, *a: space.triton_config_fits(cfg, a[0].dtype, a[6], _smem_bytes(a[0].device)))
 
 KERNEL = register(Kernel(
     space.KERNEL_NAME, torch_fused_moe,
