@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -208,8 +209,12 @@ def main() -> None:
     doc = {"benchmark": "moe", "device": device, "device_name": device_name(device), "torch": torch.__version__,
            "dtype": str(dtype).removeprefix("torch."), "date": time.strftime("%Y-%m-%d"),
            "threads": torch.get_num_threads(), "blocks": []}
+    # One process per block: a block's allocations (torch.compile graphs, allocator caches) must not
+    # pile up under the next one's on a 24 GiB machine.
+    ctx = multiprocessing.get_context("spawn")
     for name in args.blocks:
-        doc["blocks"] += bench_block(name, args.tokens, device, dtype, args.seconds, not args.no_compile)
+        with ctx.Pool(1) as pool:
+            doc["blocks"] += pool.apply(bench_block, (name, args.tokens, device, dtype, args.seconds, not args.no_compile))
     if device == "cuda":
         peak = next((v for k, v in PEAK_FLOPS.items() if k in doc["device_name"]), None)
         if peak:
