@@ -40,28 +40,33 @@ class PassResult:
 
 
 class ModuleEdit:
-    """Submodule replacements that can be undone: the rollback half of a pass. Path "" is the root."""
+    """Edits that can be undone, the rollback half of a pass: submodule replacements (path "" is the
+    root) and attribute changes (a config flag, say)."""
 
     def __init__(self, root: nn.Module):
         self.root = root
-        self._undo: list[tuple[nn.Module | None, str, nn.Module]] = []
+        self._undo: list[Callable[[], None]] = []
 
     def replace(self, path: str, new: nn.Module) -> None:
         if not path:
-            self._undo.append((None, "", self.root))
+            old_root = self.root
+            self._undo.append(lambda: setattr(self, "root", old_root))
             self.root = new
             return
         parent_path, _, name = path.rpartition(".")
         parent = self.root.get_submodule(parent_path) if parent_path else self.root
-        self._undo.append((parent, name, parent.get_submodule(name)))
+        old = parent.get_submodule(name)
+        self._undo.append(lambda: _set_child(parent, name, old))
         _set_child(parent, name, new)
 
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        old = getattr(obj, name)
+        self._undo.append(lambda: setattr(obj, name, old))
+        setattr(obj, name, value)
+
     def rollback(self) -> None:
-        for parent, name, old in reversed(self._undo):
-            if parent is None:
-                self.root = old
-            else:
-                _set_child(parent, name, old)
+        for undo in reversed(self._undo):
+            undo()
         self._undo.clear()
 
 

@@ -3,8 +3,6 @@
 The Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (`make test` sets it) and on the GPU
 when there is one (`-m gpu`).
 """
-import os
-
 import pytest
 import torch
 
@@ -14,8 +12,10 @@ from adaptc.kernels.moe.cpu import cpu_fused_moe
 from adaptc.kernels.moe.reference import torch_fused_moe
 
 KERNEL = KERNELS["fused_moe"]
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+# Asked of the implementation, not of the environment: triton.jit picks the interpreter when the
+# kernels are defined, so what counts is TRITON_INTERPRET at that import (here, at collection).
+TRITON_ON_CPU = KERNEL.why_not("triton", *space.make_inputs(1, 16, 16, 2, 1))
+needs_triton_on_cpu = pytest.mark.skipif(TRITON_ON_CPU is not None, reason=str(TRITON_ON_CPU))
 
 
 def check(got, args):
@@ -35,7 +35,7 @@ def test_conforms_to_reference(impl, dtype):
         check(KERNEL.implementations[impl].fn(*args), args)
 
 
-@needs_interpreter
+@needs_triton_on_cpu
 @pytest.mark.parametrize("config", [
     dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=3),  # tiles past H and I
@@ -55,18 +55,47 @@ def test_cpu_every_config():
         check(cpu_fused_moe(*args, config=config), args)
 
 
-def test_align_blocks_groups_pairs_by_expert():
+@needs_triton_on_cpu
+def test_triton_reads_weights_through_their_strides():
+    from adaptc.kernels.moe.triton import triton_fused_moe
+
+    x, w, ids, w13, w2, act, gated = space.make_inputs(13, 48, 40, 4, 2, dtype=torch.float16, seed=8)
+    # Same values, other layouts: hidden a column slice of a wider matrix, weights transposed views.
+    x_wide = torch.cat([x, torch.randn_like(x)], dim=1)[:, :48]
+    w13_t = w13.transpose(1, 2).contiguous().transpose(1, 2)
+    w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (x_wide.is_contiguous() or w13_t.is_contiguous() or w2_t.is_contiguous())
+    config = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=1, num_warps=4, num_stages=2)
+    check(triton_fused_moe(x_wide, w, ids, w13_t, w2_t, act, gated, config=config), (x, w, ids, w13, w2, act, gated))
+
+
+@pytest.mark.parametrize("T,K,E,block_m", [(3, 2, 4, 2), (5, 2, 64, 16), (40, 3, 5, 16)])
+def test_align_blocks_groups_pairs_by_expert(T, K, E, block_m):
+    pytest.importorskip("triton")
     from adaptc.kernels.moe.triton import align_blocks
 
-    ids = torch.tensor([[0, 2], [2, 1], [0, 2]])
-    sorted_ids, block_expert = align_blocks(ids, E=4, block_m=2)
-    S = ids.numel()
-    flat = ids.reshape(-1)
-    for b, e in enumerate(block_expert.tolist()):
-        rows = sorted_ids[2 * b:2 * b + 2]
-        real = rows[rows < S]
-        assert e == 4 and real.numel() == 0 or (flat[real] == e).all()
+    ids = torch.rand(T, E).argsort(dim=1)[:, :K]
+    sorted_ids, block_expert = align_blocks(ids, E, block_m)
+    S, flat = ids.numel(), ids.reshape(-1)
+    # The fixed bound: only the min(E, S) experts hit can pad, each by fewer than block_m rows.
+    assert sorted_ids.numel() % block_m == 0 and sorted_ids.numel() < S + min(E, S) * (block_m - 1) + block_m
+    assert block_expert.numel() == sorted_ids.numel() // block_m
     assert sorted(sorted_ids[sorted_ids < S].tolist()) == list(range(S))  # every pair exactly once
+    for rows, e in zip(sorted_ids.view(-1, block_m), block_expert.tolist()):
+        real = rows[rows < S]
+        if e == E:  # past the last expert's run: padding only
+            assert real.numel() == 0
+        else:
+            assert real.numel() > 0 and (flat[real] == e).all()
+
+
+def test_triton_declines_with_a_reason():
+    pytest.importorskip("triton")
+    from adaptc.kernels.moe.triton import supports
+
+    x, w, ids, w13, w2, act, gated = space.make_inputs(2, 16, 16, 2, 1)
+    assert "different devices" in supports(x, w, ids, w13.to("meta"), w2, act, gated)
+    assert "meta" in supports(*(t.to("meta") for t in (x, w, ids, w13, w2)), act, gated)
 
 
 def test_preference_selects_what_it_says():
@@ -76,7 +105,7 @@ def test_preference_selects_what_it_says():
     with kernel_preference("cpu"):
         assert KERNEL.select("cpu", *args)[0] == "cpu"
     with kernel_preference("triton"):
-        assert KERNEL.select("cpu", *args)[0] == ("triton" if INTERPRET else "reference")
+        assert KERNEL.select("cpu", *args)[0] == ("triton" if TRITON_ON_CPU is None else "reference")
     assert KERNEL.select("cpu", *args)[0] == "cpu"  # AUTO on CPU tensors
 
 
