@@ -111,7 +111,9 @@ class _PostgresCluster:
             except KeyError:
                 pytest.skip("running as root and there is no postgres user to run initdb as")
             os.chown(self.workdir, owner.pw_uid, owner.pw_gid)
-            self.prefix = ["runuser", "-u", "postgres", "--"]
+            # runuser (util-linux) where there is one, else su; either way no password is asked.
+            self.prefix = (["runuser", "-u", "postgres", "--"] if shutil.which("runuser")
+                           else ["su", "postgres", "-s", "/bin/sh", "-c", '"$0" "$@"'])
 
     def _run(self, *args: str) -> None:
         subprocess.run(self.prefix + list(args), check=True, capture_output=True, text=True, cwd=self.workdir)

@@ -36,17 +36,26 @@ class ImportReport:
     skipped_invalid: int = 0
     already_present: int = 0
     problems: list[str] = field(default_factory=list)  # why each skipped record was refused
+    kept: list[str] = field(default_factory=list)      # present records that differ from the bundle's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def export_bundle(cache: TuningCache, path: str | os.PathLike, kernel: str | None = None,
-                  device: str = "cpu") -> ExportReport:
-    """Write every valid record (of `kernel`, if given) to `path`. The header names the exporting host
-    and `device` (fingerprinted; "cuda" asks torch about the GPU) and counts records per device id."""
+                  device: str = "cpu", overwrite: bool = False) -> ExportReport:
+    """Write every valid record (of `kernel`, if given) to `path`; an existing file is replaced only
+    with `overwrite`. The header names the exporting host and `device` (fingerprinted; "cuda" asks
+    torch about the GPU) and counts records per device id."""
     from adaptc.tuner.device import device_fingerprint
 
+    path = Path(path)
+    if path.exists() and not overwrite:  # checked first to fail fast; _write checks again atomically
+        raise CacheError(f"{path} exists; pass --force to replace it")
+    try:
+        exporter = device_fingerprint(device).to_dict()
+    except (ValueError, RuntimeError) as e:
+        raise CacheError(f"cannot describe the device {device!r}: {e}") from None
     scan = cache.scan()
     records = [r for r in scan.records if kernel is None or r.key.kernel == kernel]
     devices: dict[str, int] = {}
@@ -56,11 +65,11 @@ def export_bundle(cache: TuningCache, path: str | os.PathLike, kernel: str | Non
         "format": FORMAT,
         "schema": SCHEMA_VERSION,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "exported_by": {"host": socket.gethostname(), "device": device_fingerprint(device).to_dict()},
+        "exported_by": {"host": socket.gethostname(), "device": exporter},
         "devices": devices,
         "records": [r.to_dict() for r in records],
     }
-    _write_atomically(Path(path), json.dumps(bundle, indent=1, sort_keys=True, allow_nan=False) + "\n")
+    _write(path, json.dumps(bundle, indent=1, sort_keys=True, allow_nan=False) + "\n", overwrite)
     return ExportReport(path=str(path), exported=len(records), skipped_invalid=len(scan.invalid))
 
 
@@ -70,7 +79,7 @@ def read_bundle(path: str | os.PathLike) -> dict[str, Any]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise CacheError(f"cannot read the bundle {path}: {e.strerror or e}") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise CacheError(f"{path} is not a JSON tuning bundle: {e}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CacheError(f"{path} is not an adaptc tuning bundle (no \"format\": \"{FORMAT}\" header)")
@@ -93,21 +102,46 @@ def import_bundle(cache: TuningCache, path: str | os.PathLike) -> ImportReport:
             report.skipped_invalid += 1
             report.problems.append(f"record {i}: {e}")
             continue
-        if cache.add(record):
+        existing = cache.add(record)
+        if existing is None:
             report.imported += 1
-        else:
-            report.already_present += 1
+            continue
+        report.already_present += 1
+        if (existing.config, existing.status, existing.time_s) != (record.config, record.status, record.time_s):
+            report.kept.append(f"record {i}: kept the present {record.key.kernel} record for "
+                               f"{dict(record.key.problem)} ({_describe(existing)}; the bundle's: {_describe(record)})")
     return report
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    # A reader (or an import on another machine) never sees half a bundle.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def _describe(record: TuningRecord) -> str:
+    time = f"{record.time_s:.3g} s" if record.time_s is not None else record.status
+    return f"{dict(record.config)} at {time}, {record.created_at} on {record.host}"
+
+
+def _write(path: Path, text: str, overwrite: bool) -> None:
+    # Through a temporary file: a reader (or an import on another machine) never sees half a bundle,
+    # and without `overwrite` the final link fails rather than replace a file that appeared meanwhile.
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp's 0600 would keep a bundle from the people it is for
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links
+                with open(path, "x", encoding="utf-8") as f:
+                    f.write(text)
+    except FileExistsError:
+        raise CacheError(f"{path} exists; pass --force to replace it") from None
+    except OSError as e:
+        raise CacheError(f"cannot write the bundle {path}: {e.strerror or e}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)

@@ -147,14 +147,10 @@ def list_(cache: TuningCache, as_json: bool, kernel: str | None, device: str | N
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @_options
 def export_(cache: TuningCache, as_json: bool, file: str, kernel: str | None, device: str, force: bool) -> None:
-    """Write the cache's records to a JSON bundle FILE."""
-    import os
-
+    """Write the cache's records to a JSON bundle FILE (never over an existing file without --force)."""
     from adaptc.cache.bundle import export_bundle
 
-    if os.path.exists(file) and not force:
-        raise click.ClickException(f"{file} exists; pass --force to replace it")
-    report = export_bundle(cache, file, kernel=kernel, device=device)
+    report = export_bundle(cache, file, kernel=kernel, device=device, overwrite=force)
     if as_json:
         _echo_json(vars(report))
     else:
@@ -166,7 +162,7 @@ def export_(cache: TuningCache, as_json: bool, file: str, kernel: str | None, de
 @click.argument("file", type=click.Path(dir_okay=False))
 @_options
 def import_(cache: TuningCache, as_json: bool, file: str) -> None:
-    """Add the records of a JSON bundle FILE, keeping records already present."""
+    """Add the records of a JSON bundle FILE. A record already present is kept, never replaced."""
     from adaptc.cache.bundle import import_bundle
 
     report = import_bundle(cache, file)
@@ -177,6 +173,10 @@ def import_(cache: TuningCache, as_json: bool, file: str) -> None:
                f"skipped invalid {report.skipped_invalid} from {report.path}")
     for problem in report.problems[:10]:
         click.echo(f"  skipped {problem}", err=True)
+    for kept in report.kept[:10]:
+        click.echo(f"  {kept}", err=True)
+    if len(report.kept) > 10 or len(report.problems) > 10:
+        click.echo("  … (see --json for every one)", err=True)
 
 
 @cache.command()

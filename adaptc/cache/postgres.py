@@ -5,13 +5,12 @@ out whatever the store, and TEXT keeps a record byte-for-byte as written (JSONB 
 """
 from __future__ import annotations
 
-import os
-import threading
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from adaptc.cache.record import (SCHEMA_VERSION, SQLBackend, BackendUnavailable, BackendWriteError, RecordError,
+from adaptc.cache.record import (SCHEMA_VERSION, BackendUnavailable, BackendWriteError, RecordError,
                                   redact_url)
+from adaptc.cache.sql import SQLBackend
 
 TABLE = f"adaptc_tuning_v{SCHEMA_VERSION}"
 DEFAULT_CONNECT_TIMEOUT_S = 2  # libpq's minimum; a dead shared cache must not stall a compile
@@ -21,17 +20,10 @@ _CREATE_LOCK_ID = 0x61646170  # "adap"
 
 class PostgresBackend(SQLBackend):
     table, param = TABLE, "%s"
+    touch_sql = ", updated_at = now()"
     kind = "postgresql"
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self._conn: Any = None
-        self._pid = -1
-        self._lock = threading.Lock()
-
-    def _connect(self) -> Any:
-        if self._conn is not None and self._pid == os.getpid() and not self._conn.closed:
-            return self._conn
+    def _open(self) -> Any:
         try:
             import psycopg
         except ImportError:
@@ -47,36 +39,24 @@ class PostgresBackend(SQLBackend):
                              "value TEXT NOT NULL, updated_at TIMESTAMPTZ NOT NULL DEFAULT now())")
         except psycopg.Error as e:
             raise BackendUnavailable(f"postgresql at {redact_url(self.url)} is unreachable: {_first_line(e)}") from None
-        # A connection must not cross fork(): the child opens its own and abandons the parent's.
-        self._conn, self._pid = conn, os.getpid()
         return conn
 
-    def _run(self, sql: str, args: tuple = (), write: bool = False) -> Any:
-        """Rows for a read; the number of rows changed for a write."""
-        with self._lock:
-            conn = self._connect()
-            import psycopg
+    def _usable(self, conn: Any) -> bool:
+        return not conn.closed
 
-            try:
-                cur = conn.execute(sql, args)
-                return cur.rowcount if write else cur.fetchall()
-            except psycopg.Error as e:
-                state = getattr(e, "sqlstate", None) or ""
-                # No SQLSTATE, class 08 (connection) or 57P (shutdown): the server is gone.
-                if not state or state.startswith(("08", "57P")) or conn.closed:
-                    self._conn = None
-                    raise BackendUnavailable(
-                        f"postgresql at {redact_url(self.url)} is unreachable: {_first_line(e)}") from None
-                if write:  # disk full (53100), read-only transaction (25006), …
-                    raise BackendWriteError(
-                        f"postgresql at {redact_url(self.url)} refused the write: {_first_line(e)}") from None
-                raise RecordError(f"postgresql at {redact_url(self.url)} refused the read: {_first_line(e)}") from None
+    def _translate(self, e: Exception, write: bool) -> Exception | None:
+        import psycopg
 
-    def put_text(self, digest: str, kernel: str, text: str, overwrite: bool = True) -> bool:
-        conflict = ("DO UPDATE SET kernel = EXCLUDED.kernel, value = EXCLUDED.value, updated_at = now()"
-                    if overwrite else "DO NOTHING")
-        sql = f"INSERT INTO {TABLE} (key, kernel, value) VALUES (%s, %s, %s) ON CONFLICT (key) {conflict}"
-        return self._run(sql, (digest, kernel, text), write=True) > 0
+        if not isinstance(e, psycopg.Error):
+            return None
+        where, state = redact_url(self.url), getattr(e, "sqlstate", None) or ""
+        # No SQLSTATE, class 08 (connection) or 57P (shutdown): the server is gone.
+        if not state or state.startswith(("08", "57P")) or self._conn.closed:
+            self._conn = None
+            return BackendUnavailable(f"postgresql at {where} is unreachable: {_first_line(e)}")
+        if write:  # disk full (53100), read-only transaction (25006), …
+            return BackendWriteError(f"postgresql at {where} refused the write: {_first_line(e)}")
+        return RecordError(f"postgresql at {where} refused the read: {_first_line(e)}")
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()

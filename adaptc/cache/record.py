@@ -10,7 +10,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -163,7 +162,7 @@ class TuningRecord:
         own key hashes elsewhere was put there by mistake or on purpose, and is refused."""
         try:
             data = json.loads(text, parse_constant=_reject_constant)
-        except (ValueError, TypeError, RecordError) as e:
+        except (ValueError, TypeError, RecursionError, RecordError) as e:  # RecursionError: [[[[…
             raise RecordError(f"not valid JSON: {e}") from None
         record = cls.from_dict(data)
         if expect_digest is not None and record.key.digest != expect_digest:
@@ -183,14 +182,15 @@ class Backend(ABC):
         self.url = url
 
     @abstractmethod
-    def get_text(self, digest: str) -> str | None: ...
+    def get_text(self, digest: str) -> str | bytes | None:
+        """The stored value as it is (bytes where the store holds bytes); None if absent."""
 
     @abstractmethod
     def put_text(self, digest: str, kernel: str, text: str, overwrite: bool = True) -> bool:
         """Store `text` under `digest`; with overwrite=False keep an existing value. True if written."""
 
     @abstractmethod
-    def iter_text(self) -> Iterator[tuple[str, str]]: ...
+    def iter_text(self) -> Iterator[tuple[str, str | bytes]]: ...
 
     @abstractmethod
     def count(self) -> int: ...
@@ -219,34 +219,6 @@ class Backend(ABC):
 
     def stats(self) -> dict[str, Any]:
         return {"kind": self.kind, "url": redact_url(self.url), "records": self.count()}
-
-
-class SQLBackend(Backend):
-    """What the SQLite and PostgreSQL stores share: one table (key, kernel, value) and a connection
-    that never crosses fork(). Subclasses give `table`, `param` (the driver's placeholder), `_run`."""
-
-    table: str
-    param: str
-
-    def get_text(self, digest: str) -> str | None:
-        rows = self._run(f"SELECT value FROM {self.table} WHERE key = {self.param}", (digest,))
-        return rows[0][0] if rows else None
-
-    def iter_text(self) -> Iterator[tuple[str, str]]:
-        # Fetched whole: a live cursor would hold a read snapshot open while the caller writes.
-        yield from self._run(f"SELECT key, value FROM {self.table} ORDER BY kernel, key")
-
-    def count(self) -> int:
-        return self._run(f"SELECT COUNT(*) FROM {self.table}")[0][0]
-
-    def delete_all(self) -> int:
-        return self._run(f"DELETE FROM {self.table}", write=True)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
 
 
 def redact_url(url: str) -> str:

@@ -13,6 +13,7 @@ from adaptc.cache.record import (SCHEMA_VERSION, Backend, BackendUnavailable, Ba
 
 PREFIX = f"adaptc:tuning:v{SCHEMA_VERSION}:"
 INDEX = PREFIX + "index"
+_PREFIX_B = PREFIX.encode()
 # A shared cache must never stall a compile: fail fast, then the tiered cache falls back to local.
 DEFAULT_TIMEOUT_S = 2.0
 _BATCH = 500
@@ -42,8 +43,8 @@ class RedisBackend(Backend):
 
             # No retries: redis-py's default (3, with backoff) would stall a compile for many timeouts
             # before the tiered cache can fall back. redis-py's pool notices fork() and reconnects.
-            self._client = redis.Redis.from_url(self.url, decode_responses=True, retry=Retry(NoBackoff(), 0),
-                                                **options)
+            # Values stay bytes: one that is not UTF-8 is a bad record for from_json to refuse, not a crash.
+            self._client = redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
         return self._client
 
     def _call(self, fn, write: bool = False) -> Any:
@@ -61,7 +62,7 @@ class RedisBackend(Backend):
         except redis.exceptions.RedisError as e:  # connection refused, timeout, auth, protocol
             raise BackendUnavailable(f"redis at {redact_url(self.url)} is unreachable: {e}") from None
 
-    def get_text(self, digest: str) -> str | None:
+    def get_text(self, digest: str) -> bytes | None:
         return self._call(lambda r: r.get(PREFIX + digest))
 
     def put_text(self, digest: str, kernel: str, text: str, overwrite: bool = True) -> bool:
@@ -73,25 +74,28 @@ class RedisBackend(Backend):
             return bool(pipe.execute()[0])
         return self._call(put, write=True)
 
-    def iter_text(self) -> Iterator[tuple[str, str]]:
+    def iter_text(self) -> Iterator[tuple[str, bytes]]:
         digests = sorted(self._call(lambda r: r.smembers(INDEX)))
         for i in range(0, len(digests), _BATCH):
             chunk = digests[i:i + _BATCH]
-            values = self._call(lambda r: r.mget([PREFIX + d for d in chunk]))
+            values = self._call(lambda r: r.mget([_PREFIX_B + d for d in chunk]))
             for digest, text in zip(chunk, values):
                 if text is not None:  # indexed but deleted behind our back
-                    yield digest, text
+                    yield digest.decode("ascii", "replace"), text  # a non-hex digest fails the key check
 
     def count(self) -> int:
         return self._call(lambda r: r.scard(INDEX))
 
     def delete_all(self) -> int:
         def delete(r: Any) -> int:
-            digests = list(r.smembers(INDEX))
-            removed = 0
+            digests, removed = list(r.smembers(INDEX)), 0
             for i in range(0, len(digests), _BATCH):
-                removed += r.delete(*[PREFIX + d for d in digests[i:i + _BATCH]])
-            r.delete(INDEX)
+                chunk = digests[i:i + _BATCH]
+                # Only what was listed leaves the index: a record written meanwhile stays findable.
+                pipe = r.pipeline(transaction=True)
+                pipe.delete(*[_PREFIX_B + d for d in chunk])
+                pipe.srem(INDEX, *chunk)
+                removed += pipe.execute()[0]
             return removed
         return self._call(delete, write=True)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from adaptc.cache.record import SCHEMA_VERSION, SQLBackend, BackendUnavailable, BackendWriteError
+from adaptc.cache.record import SCHEMA_VERSION, BackendUnavailable, BackendWriteError
+from adaptc.cache.sql import SQLBackend
 
 TABLE = f"tuning_v{SCHEMA_VERSION}"
 DB_NAME = "tuning.db"
@@ -41,14 +41,13 @@ def _setup(conn: sqlite3.Connection, wal: bool) -> None:
 
 class SQLiteBackend(SQLBackend):
     table, param = TABLE, "?"
+    # As bytes: a TEXT value that is not UTF-8 must fail as one bad record, not as an unreadable file.
+    value_sql = "CAST(value AS BLOB)"
     kind = "sqlite"
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
         super().__init__(f"sqlite://{self.path}" if os.path.isabs(self.path) else f"sqlite:{self.path}")
-        self._conn: sqlite3.Connection | None = None
-        self._pid = -1
-        self._lock = threading.Lock()
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteBackend:
@@ -57,10 +56,7 @@ class SQLiteBackend(SQLBackend):
         path = rest[2:] if rest.startswith("//") else rest
         return cls(MEMORY if path in ("", MEMORY) else path)
 
-    def _connect(self) -> sqlite3.Connection:
-        # A connection must not cross fork(): the child opens its own and abandons the parent's.
-        if self._conn is not None and self._pid == os.getpid():
-            return self._conn
+    def _open(self) -> sqlite3.Connection:
         try:
             if self.path != MEMORY:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -68,30 +64,16 @@ class SQLiteBackend(SQLBackend):
                                    check_same_thread=False)
             conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             _setup(conn, wal=self.path != MEMORY)
-        except (OSError, sqlite3.Error) as e:
+        except (OSError, sqlite3.Error) as e:  # the file is left as it is, whatever it holds
             raise BackendUnavailable(f"cannot open the SQLite cache {self.path}: {e}") from None
-        self._conn, self._pid = conn, os.getpid()
         return conn
 
-    def _run(self, sql: str, args: tuple = (), write: bool = False) -> Any:
-        """Rows for a read; the number of rows changed for a write."""
-        with self._lock:
-            conn = self._connect()
-            try:
-                cur = conn.execute(sql, args)
-                return cur.rowcount if write else cur.fetchall()
-            except sqlite3.Error as e:
-                if write:  # full disk, read-only file, lock held past the timeout
-                    raise BackendWriteError(f"cannot write the SQLite cache {self.path}: {e}") from None
-                raise BackendUnavailable(f"cannot read the SQLite cache {self.path}: {e}") from None
-
-    def put_text(self, digest: str, kernel: str, text: str, overwrite: bool = True) -> bool:
-        if overwrite:
-            sql = (f"INSERT INTO {TABLE} (key, kernel, value) VALUES (?, ?, ?) "
-                   "ON CONFLICT(key) DO UPDATE SET kernel = excluded.kernel, value = excluded.value")
-        else:
-            sql = f"INSERT OR IGNORE INTO {TABLE} (key, kernel, value) VALUES (?, ?, ?)"
-        return self._run(sql, (digest, kernel, text), write=True) > 0
+    def _translate(self, e: Exception, write: bool) -> Exception | None:
+        if not isinstance(e, sqlite3.Error):
+            return None
+        if write:  # full disk, read-only file, lock held past the timeout
+            return BackendWriteError(f"cannot write the SQLite cache {self.path}: {e}")
+        return BackendUnavailable(f"cannot read the SQLite cache {self.path}: {e}")
 
     def stats(self) -> dict[str, Any]:
         out = super().stats()

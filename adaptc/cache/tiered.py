@@ -93,21 +93,27 @@ class TuningCache:
         return record
 
     def put(self, record: TuningRecord) -> None:
-        """Store `record` locally and in the shared store (the newer record wins)."""
+        """Store `record` locally and in the shared store (tuning's rule: the newer result wins)."""
         if not isinstance(record, TuningRecord):
             raise TypeError(f"put() takes a TuningRecord, not {type(record).__name__}")
+        self._store(record, overwrite_shared=True)
+
+    def add(self, record: TuningRecord) -> TuningRecord | None:
+        """Import's rule: store `record` unless a valid record for its key is already there (local or
+        shared). Returns the record already there, or None when `record` was stored."""
+        existing = self.get(record.key)
+        if existing is None:
+            # Locally the key is absent or unreadable; in the shared store another machine may have
+            # put one since we looked, and that one stays.
+            self._store(record, overwrite_shared=False)
+        return existing
+
+    def _store(self, record: TuningRecord, overwrite_shared: bool) -> None:
         self.counts["puts"] += 1
         self._memo[record.key] = record
         self._write("local", record, overwrite=True)
         if self.shared is not None:
-            self._write("shared", record, overwrite=True)
-
-    def add(self, record: TuningRecord) -> bool:
-        """Store `record` unless a valid one is already there (import's rule). True if stored."""
-        if self.get(record.key) is not None:
-            return False
-        self.put(record)
-        return True
+            self._write("shared", record, overwrite=overwrite_shared)
 
     # -- whole-cache operations (CLI, bundles, the cost model) --------------------------------------
 
@@ -128,6 +134,9 @@ class TuningCache:
                         out.records.append(item)
             except BackendUnavailable as e:
                 self._unavailable(tier, e)
+            except RecordError as e:  # the store refused the walk itself (say, a foreign index key)
+                self._warn_once(("scan", tier), f"could not list the {tier} cache {redact_url(backend.url)}: {e}")
+                out.invalid.append({"tier": tier, "digest": "*", "reason": str(e)})
         return out
 
     def stats(self) -> dict[str, Any]:

@@ -5,9 +5,10 @@ from ._base import Pass, PassManager, PassResult  # noqa: F401
 
 
 def registry() -> dict[str, type[Pass]]:
+    from .attention_fusion import AttentionFusion
     from .moe_fusion import MoEFusion
 
-    return {p.name: p for p in (MoEFusion,)}
+    return {p.name: p for p in (MoEFusion, AttentionFusion)}
 
 
 def select(names: list[str] | None) -> list[Pass]:

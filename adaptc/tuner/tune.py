@@ -142,7 +142,9 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=seed),
+    # Workers sharing a study must not all sample the same sequence: only a private study is seeded.
+    sampler = optuna.samplers.TPESampler(seed=seed if storage is None else None)
+    study = optuna.create_study(direction="minimize", sampler=sampler,
                                 storage=storage, study_name=study_name, load_if_exists=storage is not None)
     # Value per config measured so far (None: it failed), by any worker sharing this study.
     done = {canonical(t.params): (t.value if t.state == TrialState.COMPLETE else None)
@@ -184,20 +186,23 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
 
 
 def _shared_state(study: Any, trial: Any, config: dict[str, Any]) -> tuple[float | None] | str | None:
-    """What the other workers did with `config`: (value,) when finished (None if it failed),
-    "running" while one measures it, None when nobody has."""
+    """Claim `config` for this worker: (value,) when some worker finished it (None if it failed),
+    "running" when another worker has claimed it, None when this worker should measure it.
+
+    Claims are marks on the trial: set ours first, then look for others'. Two workers racing for one
+    config cannot both miss each other's mark, so at most one measures it (at worst neither does,
+    and it is sampled again later)."""
     from optuna.trial import TrialState
 
-    running = False
-    for other in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)):
-        if other.number == trial.number or other.params != config:
-            continue
-        if other.state == TrialState.COMPLETE:
-            return (other.value,)
-        if other.state == TrialState.FAIL:
-            return (None,)
-        running = running or other.user_attrs.get("measured", False) or other.number < trial.number
-    return "running" if running else None
+    def others(states):
+        return [t for t in study.get_trials(deepcopy=False, states=states) if t.number != trial.number and t.params == config]
+
+    for other in others((TrialState.COMPLETE, TrialState.FAIL)):
+        return (other.value if other.state == TrialState.COMPLETE else None,)
+    trial.set_user_attr("claimed", True)
+    if any(t.user_attrs.get("claimed") for t in others((TrialState.RUNNING,))):
+        return "running"
+    return None
 
 
 def optuna_storage(url: str | None) -> Any:

@@ -2,6 +2,7 @@
 and two processes writing at once."""
 import json
 import multiprocessing
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -29,12 +30,16 @@ def backend(url):
     b.close()
 
 
-def write_raw(url: str, digest: str, text: str) -> None:
-    """Put `text` into the store directly, the way a broken or hostile writer would."""
+def write_raw(url: str, digest: str, text: str | bytes) -> None:
+    """Put `text` into the store directly, the way a broken or hostile writer would (bytes: stored
+    as text all the same, UTF-8 or not)."""
     if url.startswith("sqlite"):
         import sqlite3
-        with sqlite3.connect(url[len("sqlite://"):]) as conn:
-            conn.execute(f"INSERT OR REPLACE INTO {sqlite_backend.TABLE} VALUES (?, 'x', ?)", (digest, text))
+        conn = sqlite3.connect(url[len("sqlite://"):])
+        with conn:
+            conn.execute(f"INSERT OR REPLACE INTO {sqlite_backend.TABLE} VALUES (?, 'x', CAST(? AS TEXT))",
+                         (digest, text))
+        conn.close()
     elif url.startswith("redis"):
         import redis
         client = redis.Redis.from_url(url)
@@ -59,7 +64,9 @@ def test_round_trip(backend):
     listed = dict(backend.items())
     assert set(listed) == {r.key.digest for r in records} and all(listed[r.key.digest] == r for r in records)
     stats = backend.stats()
-    assert stats["records"] == 6 and stats["kind"] == backend.kind and "***" not in stats["url"].split("@")[-1]
+    assert stats["records"] == 6 and stats["kind"] == backend.kind
+    password = urlsplit(backend.url).password
+    assert password is None or (password not in stats["url"] and ":***@" in stats["url"])
 
 
 @pytest.mark.parametrize("url", KINDS, indirect=True)
@@ -84,10 +91,14 @@ def test_poisoned_values_are_refused_and_the_rest_still_read(backend, url):
         make_key(2).digest: json.dumps(foreign),
         make_key(3).digest: json.dumps(wrong_type),
         make_key(4).digest: make_record(5).to_json(),  # a valid record under someone else's key
+        make_key(5).digest: "[" * 100_000,               # deeper than any JSON parser recurses
     }
+    if not url.startswith("postgresql"):  # PostgreSQL itself refuses text that is not UTF-8
+        poisons[make_key(6).digest] = b'{"\xff": 1}'
     for digest, text in poisons.items():
         write_raw(url, digest, text)
-    for i, reason in [(1, "not valid JSON"), (2, "schema version 99"), (3, "time_s"), (4, "stored under")]:
+    for i, reason in [(1, "not valid JSON"), (2, "schema version 99"), (3, "time_s"), (4, "stored under"),
+                      (5, "not valid JSON"), (6, "not valid JSON")][:len(poisons)]:
         with pytest.raises(RecordError, match=reason):
             backend.get(make_key(i))
     assert backend.get(good.key) == good

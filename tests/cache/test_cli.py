@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 import adaptc
-from adaptc.cache import open_cache, reset_default_cache
+from adaptc.cache import SCHEMA_VERSION, TuningRecord, open_cache, reset_default_cache
 from adaptc.cli import main
 from tests.cache.cache_helpers import make_record
 
@@ -54,11 +54,74 @@ def test_bad_bundle_and_dead_server_are_clear_errors(tmp_path, dead_url):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     result = run("import", str(bad))
-    assert result.exit_code != 0 and "not a JSON tuning bundle" in result.output
+    assert result.exit_code == 1 and "not a JSON tuning bundle" in result.output
     missing = run("import", str(tmp_path / "nope.json"))
-    assert missing.exit_code != 0 and "cannot read" in missing.output
-    dead = run("stats", "--url", dead_url("redis"), "--json")
-    assert "Traceback" not in dead.output
+    assert missing.exit_code == 1 and "cannot read" in missing.output
+    nested = tmp_path / "nested.json"
+    nested.write_text("[" * 100_000)
+    assert "not a JSON tuning bundle" in run("import", str(nested)).output
+    other = tmp_path / "other.json"
+    other.write_text('{"records": []}')
+    assert "not an adaptc tuning bundle" in run("import", str(other)).output
+    for scheme in ("redis", "postgresql"):
+        dead = run("stats", "--url", dead_url(scheme), "--json")
+        assert dead.exit_code == 0 and "Traceback" not in dead.output
+        assert json.loads(dead.stdout)["records"] == 0  # stdout stays one JSON document
+        assert dead.stderr.count("warning:") == 1 and "unavailable" in dead.stderr and "secret" not in dead.output
+
+
+def _bundle(tmp_path, records, schema=None):
+    path = tmp_path / "bundle.json"
+    assert run("export", str(path), "--force").exit_code == 0
+    data = json.loads(path.read_text())
+    data["records"] = records
+    if schema is not None:
+        data["schema"] = schema
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_foreign_version_bundle_is_refused_and_a_bad_record_costs_only_itself(tmp_path):
+    good = make_record(0).to_dict()
+    foreign = _bundle(tmp_path, [good], schema=SCHEMA_VERSION + 1)
+    result = run("import", str(foreign))
+    assert result.exit_code == 1 and f"schema version {SCHEMA_VERSION + 1}" in result.output
+    assert open_cache().scan().records == []
+
+    mixed = _bundle(tmp_path, [good, make_record(1).to_dict() | {"schema": 99}, {"pickle": "gASV"}, "x"])
+    report = json.loads(run("import", str(mixed), "--json").stdout)
+    assert (report["imported"], report["skipped_invalid"]) == (1, 3)
+    assert any("schema version 99" in p for p in report["problems"])
+    assert [r.key for r in open_cache().scan().records] == [make_record(0).key]
+
+
+def test_import_never_replaces_a_present_record(tmp_path):
+    mine = make_record(0, time_s=5e-3)
+    open_cache().put(mine)
+    theirs = TuningRecord(mine.key, config={"BLOCK_M": 128, "num_warps": 8}, time_s=1e-3)
+    bundle = _bundle(tmp_path, [theirs.to_dict(), make_record(1).to_dict()])
+    result = run("import", str(bundle))
+    assert result.exit_code == 0 and "imported 1, already present 1" in result.stdout
+    assert "kept the present fused_moe record" in result.stderr  # said, not silent
+    reset_default_cache()
+    assert open_cache().get(mine.key) == mine
+
+
+def test_export_keeps_an_existing_file_unless_forced(tmp_path):
+    from adaptc.cache.bundle import export_bundle
+    from adaptc.errors import CacheError
+
+    open_cache().put(make_record(0))
+    target = tmp_path / "mine.json"
+    target.write_text("the user's file")
+    result = run("export", str(target))
+    assert result.exit_code == 1 and "--force" in result.output and target.read_text() == "the user's file"
+    with pytest.raises(CacheError, match="exists"):
+        export_bundle(open_cache(), target)
+    assert target.read_text() == "the user's file" and not list(tmp_path.glob(".mine.json.*"))
+    assert run("export", str(target), "--force").exit_code == 0
+    assert len(json.loads(target.read_text())["records"]) == 1
+    assert run("export", str(tmp_path / "x.json"), "--device", "tpu").exit_code == 1  # an error, not a traceback
 
 
 def test_an_imported_bundle_makes_compile_measure_nothing(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """The cache the compiler uses: local first, shared second, and never an exception for cache trouble."""
+import json
 import os
 import socket
 import threading
@@ -55,9 +56,10 @@ def test_a_dead_shared_server_degrades_to_local_with_one_warning(scheme, dead_ur
     cache = open_cache(url, tmp_path)
     assert cache.get(known.key) == known          # the compile path still finds local records
     assert cache.get(make_key(1)) is None         # a miss asks the dead server: the one warning
-    cache.put(make_record(2))                     # writes go on locally
+    written = make_record(2)
+    cache.put(written)                            # writes go on locally
     assert cache.get(make_key(3)) is None
-    assert cache.get(make_key(2)) == make_record(2) or cache.local.get(make_key(2)) is not None
+    assert cache.get(written.key) is written and cache.local.get(written.key) == written
     warned = messages(cache_warnings)
     assert len(warned) == 1, warned
     assert "unavailable" in warned[0] and "secret" not in warned[0]
@@ -81,22 +83,36 @@ def test_a_shared_server_that_never_answers_times_out(tmp_path, cache_warnings):
         listener.close()
 
 
+POISONS = {
+    "corrupt": ('{"schema": 1, "key": "oops"}', "missing"),
+    "foreign version": (lambda: json.dumps(make_record(1).to_dict() | {"schema": 99}), "schema version 99"),
+    "deeply nested": ("[" * 100_000, "not valid JSON"),
+    "not UTF-8": (b'{"schema": 1, "\xff\xfe": 0}', "not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("poison", POISONS)
 @pytest.mark.parametrize("where", ["local", "shared"])
-def test_a_poisoned_record_is_ignored_with_a_warning(where, redis_url, tmp_path, cache_warnings):
+def test_a_poisoned_record_is_ignored_with_a_warning(where, poison, redis_url, tmp_path, cache_warnings):
     cache = open_cache(redis_url, tmp_path)
     good = make_record(0)
     cache.put(good)
     bad_key = make_key(1)
     url = f"sqlite://{tmp_path / DB_NAME}" if where == "local" else redis_url
-    write_raw(url, bad_key.digest, '{"schema": 1, "key": "oops"}')
+    text, reason = POISONS[poison]
+    write_raw(url, bad_key.digest, text() if callable(text) else text)
 
     assert cache.get(bad_key) is None
     assert cache.get(bad_key) is None             # the same bad record warns once
-    assert cache.get(good.key) == good
+    cache._memo.clear()
+    assert cache.get(good.key) == good            # and costs only itself
     warned = messages(cache_warnings)
-    assert len(warned) == 1 and f"in the {where} cache" in warned[0] and "missing" in warned[0]
-    # A bad shared record is never copied into the local cache.
-    assert cache.local.get_text(bad_key.digest) is None or where == "local"
+    assert len(warned) == 1 and f"in the {where} cache" in warned[0] and reason in warned[0], warned
+    assert cache.shared is not None and cache.local.path == str(tmp_path / DB_NAME)  # no tier was dropped
+    if where == "shared":                         # a bad shared record is never copied into the local cache
+        assert cache.local.get_text(bad_key.digest) is None
+    scan = cache.scan()                           # listing skips it too, and says so
+    assert [r.key for r in scan.records] == [good.key] and [i["digest"] for i in scan.invalid] == [bad_key.digest]
 
 
 def test_a_valid_shared_record_replaces_a_corrupt_local_one(redis_url, tmp_path, cache_warnings):
@@ -153,15 +169,17 @@ def test_a_read_only_cache_dir_falls_back_to_memory(tmp_path, cache_warnings):
 
 def test_a_full_disk_skips_the_write_with_one_warning(tmp_path, cache_warnings):
     cache = open_cache(None, tmp_path)
-    cache.put(make_record(0))
-    conn = cache.local._connect()
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLite now answers SQLITE_FULL, as on a full disk
+    small = make_record(0)
+    cache.put(small)
+    (pages,), = cache.local._run("PRAGMA page_count")
+    cache.local._run(f"PRAGMA max_page_count = {pages}")  # SQLite now answers SQLITE_FULL, as on a full disk
     big = make_record(1, trials=[Trial({"i": i}, 1.0) for i in range(2000)])
     cache.put(big)
-    cache.put(make_record(2, trials=[Trial({"i": i}, 1.0) for i in range(2000)]))
-    assert cache.get(make_key(0)) == make_record(0) or cache.local.get(make_key(0)) is not None
-    assert cache.get(big.key) == big  # this process keeps its result
+    cache.put(make_record(2, trials=[Trial({"i": i}, 1.0) for i in range(2000)]))  # warns once per process
+    assert cache.get(big.key) is big        # this process keeps its result
+    cache._memo.clear()
+    assert cache.get(small.key) == small    # what was stored before is still there
+    assert cache.get(big.key) is None       # and the refused write really was not stored
     warned = messages(cache_warnings)
     assert len(warned) == 1 and "full" in warned[0]
     assert SQLiteBackend(tmp_path / DB_NAME).count() == 1
@@ -170,8 +188,10 @@ def test_a_full_disk_skips_the_write_with_one_warning(tmp_path, cache_warnings):
 def test_a_corrupt_database_file_falls_back_to_memory(tmp_path, cache_warnings):
     (tmp_path / DB_NAME).write_bytes(b"this is not an sqlite database" * 100)
     cache = open_cache(None, tmp_path)
-    cache.put(make_record(0))
-    assert cache.get(make_key(0)) == make_record(0)
+    record = make_record(0)
+    cache.put(record)
+    cache._memo.clear()
+    assert cache.get(record.key) == record  # from the in-memory stand-in
     assert len(messages(cache_warnings)) == 1
     assert (tmp_path / DB_NAME).read_bytes().startswith(b"this is not")  # the user's file is left alone
 

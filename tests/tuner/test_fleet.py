@@ -44,7 +44,8 @@ def check(outs, storage, cache_url):
     measured = sum(o["results"][0]["measured"] for o in outs)
     params = study_params(storage)
     assert measured == len(params) and len(set(params)) == len(params), "a config was measured twice"
-    assert measured > 5  # both workers contributed
+    # A worker that starts after the study is done finds the result in the shared cache instead.
+    assert measured >= 5 and {o["results"][0]["source"] for o in outs} <= {"measured", "cache"}
     record = next(r for r in open_cache(cache_url).scan().records if r.key.kernel == "fused_moe/cpu")
     assert record.status == "ok" and json.dumps(dict(record.config), sort_keys=True) in params
     best = min(o["results"][0]["time_ms"] for o in outs)

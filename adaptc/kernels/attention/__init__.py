@@ -22,13 +22,14 @@ def _triton_supports(q, k, v, key_padding, mask, scale, causal, window, q_offset
     return supports(q, k, v, scale, causal, window, q_offset, key_padding)
 
 
-def _triton_space() -> ConfigSpace | None:
-    try:
-        from . import triton as t
-    except ImportError:
-        return None
-    return ConfigSpace(t.SPACE, lambda q, *a: t.default_config(q, *a),
-                       lambda cfg, q, *a: t.config_fits(cfg, q.shape[-1], q.dtype))
+def _triton_default(q, k, v, key_padding, mask, scale, causal, window, q_offset):
+    from .triton import default_config
+    return default_config(q, k, v, scale, causal, window, q_offset, key_padding)
+
+
+def _triton_fits(cfg, q, *args) -> bool:
+    from .triton import config_fits
+    return config_fits(cfg, q.shape[-1], q.dtype, Lq=q.shape[2])
 
 
 def _cpu_supports(q, *args) -> str | None:
@@ -37,7 +38,9 @@ def _cpu_supports(q, *args) -> str | None:
 
 KERNEL = register(Kernel(
     space.KERNEL_NAME, torch_attention,
-    {"cpu": Implementation(cpu_attention, _cpu_supports, ConfigSpace(space.CPU_SPACE, space.cpu_default_config))},
+    {"cpu": Implementation(cpu_attention, _cpu_supports, ConfigSpace(space.CPU_SPACE, space.cpu_default_config)),
+     "triton": Implementation(_triton, _triton_supports,
+                              ConfigSpace(space.TRITON_SPACE, _triton_default, _triton_fits))},
     problem=space.problem, features=space.features, tolerance=space.tolerance, example=space.example_inputs,
 ))
 

@@ -33,6 +33,14 @@ def features(p: dict[str, Any]) -> dict[str, float]:
 
 CPU_SPACE: dict[str, list[Any]] = {"BLOCK_M": [32, 64, 128, 256, 512, 1024]}
 
+TRITON_SPACE: dict[str, list[int]] = {
+    "BLOCK_M": [16, 32, 64, 128],
+    "BLOCK_N": [16, 32, 64, 128],
+    "num_warps": [2, 4, 8],
+    "num_stages": [1, 2, 3, 4],
+    "SPLITS": [1, 2, 4, 8, 16, 32],  # split-KV path only (decode: few queries)
+}
+
 
 def cpu_default_config(q, k, v, key_padding, mask, scale, causal, window, q_offset) -> dict[str, Any]:
     # Blocks near the window size waste little of each key range; large blocks amortise the calls.

@@ -1,0 +1,136 @@
+"""Attention fusion (exact): Hugging Face attention runs on `adaptc::attention`, which skips masked tiles.
+
+Transformers v5 models call attention through `ALL_ATTENTION_FUNCTIONS[config._attn_implementation]`
+and build masks through `ALL_MASK_ATTENTION_FUNCTIONS`. The pass registers an "adaptc" entry in both
+(masks exactly as for SDPA) and switches the compiled copy's config to it; the user's model keeps
+its own config. Each call recovers the mask's structure — causal, sliding window, key padding — from
+the mask Hugging Face built (once per mask tensor: every layer shares it) and passes the op that
+structure instead of the dense mask, so kernels skip what it hides. A mask of any other shape is
+passed as it is, and the op skips what it can from its contents.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import kernels  # noqa: F401  (registers adaptc::attention)
+from ._base import CompileContext, ModuleEdit, Pass, Site
+
+IMPLEMENTATION = "adaptc"
+SUPPORTED_FROM = ("sdpa", "eager")  # what the model ran with: the original we must equal
+
+
+@dataclass(frozen=True)
+class Structure:
+    causal: bool
+    window: int
+    key_padding: torch.Tensor | None
+    mask: torch.Tensor | None  # only when no structure explains the mask
+
+
+# id(mask tensor) -> {(causal, window): Structure}; an entry dies with its tensor, before its id is reused.
+_structures: dict[int, dict[tuple[bool, int], Structure]] = {}
+
+
+def _known(mask: torch.Tensor) -> dict[tuple[bool, int], Structure]:
+    key = id(mask)
+    if key not in _structures:
+        _structures[key] = {}
+        weakref.finalize(mask, _structures.pop, key, None)
+    return _structures[key]
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    return (torch.compiler.is_compiling() or isinstance(t, torch.fx.Proxy)
+            or torch._guards.detect_fake_mode(t) is not None)
+
+
+def mask_structure(mask: torch.Tensor | None, Lq: int, Lk: int, causal: bool, window: int) -> Structure:
+    """The structure of a boolean SDPA mask [B, 1, Lq, Lk] (True = attend) that Hugging Face built."""
+    if mask is None:  # HF drops the mask only when plain causal (or full, for one query) attention is exact
+        return Structure(causal and Lq > 1, 0, None, None)
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or _tracing(mask):
+        return Structure(False, 0, None, mask)
+    known = _known(mask)
+    if (causal, window) not in known:
+        known[(causal, window)] = _explain(mask, Lq, Lk, causal, window)
+    return known[(causal, window)]
+
+
+def _explain(mask: torch.Tensor, Lq: int, Lk: int, causal: bool, window: int) -> Structure:
+    from ..kernels.attention.reference import dense_mask
+
+    used = mask[:, 0].any(dim=1)  # [B, Lk]: keys some query sees; the others are padding (or never visible)
+    key_padding = None if bool(used.all()) else used
+    for c, w in dict.fromkeys([(causal, window), (True, window), (True, 0), (False, 0)]):
+        want = dense_mask(mask.shape[0], Lq, Lk, c, w, Lk - Lq, key_padding, None, mask.device)
+        if want is not None and torch.equal(want.expand_as(mask), mask):
+            return Structure(c, w, key_padding, None)
+    return Structure(False, 0, None, mask)
+
+
+def adaptc_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                             is_causal: bool | None = None, sliding_window: int | None = None,
+                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The "adaptc" entry of Hugging Face's attention interface; SDPA's for what it does not cover."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    unusual = (dropout and module.training) or any(kwargs.get(k) is not None for k in ("softcap", "head_mask",
+                                                                                       "position_bias", "cache", "s_aux"))
+    if unusual or (attention_mask is not None and attention_mask.dtype != torch.bool):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, sliding_window=sliding_window, **kwargs)
+    Lq, Lk = query.shape[2], key.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    s = mask_structure(attention_mask, Lq, Lk, causal, sliding_window or 0)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = torch.ops.adaptc.attention(query, key, value, s.key_padding, s.mask, scale, s.causal, s.window, Lk - Lq)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Make "adaptc" a Hugging Face attention implementation (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, adaptc_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+class AttentionFusion(Pass):
+    name = "attention_fusion"
+    exact = True
+
+    def match(self, ctx: CompileContext) -> list[Site]:
+        config = getattr(ctx.working, "config", None)
+        if config is None or not getattr(ctx.working, "_supports_sdpa", False):
+            return []
+        return [Site(path, module, {"config": config}) for path, module in ctx.working.named_modules()
+                if type(module).__name__.endswith("Attention") and hasattr(module, "config")]
+
+    def no_sites_reason(self) -> str:
+        return "no Hugging Face attention modules that dispatch through the attention interface"
+
+    def check(self, ctx: CompileContext, site: Site) -> str | None:
+        impl = site.info["config"]._attn_implementation
+        if impl not in SUPPORTED_FROM and impl != IMPLEMENTATION:
+            return f"the model runs {impl!r} attention; adaptc replaces only {' or '.join(SUPPORTED_FROM)}"
+        return None
+
+    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
+        config = site.info["config"]
+        if config._attn_implementation != IMPLEMENTATION:  # one switch serves every site
+            register()
+            edit.set_attr(config, "_attn_implementation", IMPLEMENTATION)
+
+    @staticmethod
+    def rebuild(attention: nn.Module, plan: dict[str, Any]) -> nn.Module:
+        """For adaptc.load: switch the rebuilt model (its config, which the module shares) to adaptc."""
+        register()
+        attention.config._attn_implementation = IMPLEMENTATION
+        return attention
