@@ -62,15 +62,39 @@ def mask_structure(mask: torch.Tensor | None, Lq: int, Lk: int, causal: bool, wi
 
 
 def _explain(mask: torch.Tensor, Lq: int, Lk: int, causal: bool, window: int) -> Structure:
-    from ..kernels.attention.reference import dense_mask
-
-    used = mask[:, 0].any(dim=1)  # [B, Lk]: keys some query sees; the others are padding (or never visible)
+    # Keys some query sees; the others are padding (or never visible, which is the same to attention).
+    used = mask.view(torch.uint8)[:, 0].amax(dim=1).bool()  # [B, Lk]; uint8: a fast reduction
     key_padding = None if bool(used.all()) else used
     for c, w in dict.fromkeys([(causal, window), (True, window), (True, 0), (False, 0)]):
-        want = dense_mask(mask.shape[0], Lq, Lk, c, w, Lk - Lq, key_padding, None, mask.device)
-        if want is not None and torch.equal(want.expand_as(mask), mask):
+        if _matches(mask, Lq, Lk, c, w, key_padding):
             return Structure(c, w, key_padding, None)
     return Structure(False, 0, None, mask)
+
+
+def _matches(mask: torch.Tensor, Lq: int, Lk: int, causal: bool, window: int, key_padding: torch.Tensor | None,
+             rows: int = 256) -> bool:
+    """Whether `mask` is exactly that structure. In row blocks: outside each block's key range the
+    mask must be empty, inside it must equal the band (a cache-sized compare, never an [Lq, Lk] copy)."""
+    from ..kernels.attention.reference import key_range, visible
+
+    for i0 in range(0, Lq, rows):
+        i1 = min(Lq, i0 + rows)
+        lo, hi = key_range(i0, i1, Lk, causal, window, Lk - Lq)
+        part = mask[:, 0, i0:i1]
+        if hi <= lo:
+            if part.any():
+                return False
+            continue
+        if part[..., :lo].any() or part[..., hi:].any():
+            return False
+        want = visible(i1, Lk, causal, window, Lk - Lq, mask.device, q_start=i0, k_start=lo, k_stop=hi)
+        if key_padding is not None:
+            pad = key_padding[:, None, lo:hi]
+            want = pad if want is None else want & pad
+        band = part[..., lo:hi]
+        if not (bool(band.all()) if want is None else torch.equal(band, want.expand_as(band))):
+            return False
+    return True
 
 
 def adaptc_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

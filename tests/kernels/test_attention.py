@@ -4,8 +4,8 @@ import torch
 
 from adaptc.kernels import KERNELS
 from adaptc.kernels.attention import space
-from adaptc.kernels.attention.cpu import cpu_attention, key_range
-from adaptc.kernels.attention.reference import torch_attention
+from adaptc.kernels.attention.cpu import cpu_attention
+from adaptc.kernels.attention.reference import key_range, torch_attention
 
 CASES = [dict(causal=True), dict(causal=False), dict(causal=True, window=7), dict(causal=True, window=40, padding="left"),
          dict(causal=False, padding="right"), dict(causal=True, window=3, padding="right")]

@@ -15,15 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .._registry import config_for
-from .reference import check_args, visible
+from .reference import check_args, key_range, visible
 from .space import KERNEL_NAME, cpu_default_config, problem
-
-
-def key_range(i0: int, i1: int, Lk: int, causal: bool, window: int, q_offset: int) -> tuple[int, int]:
-    """Keys [lo, hi) that queries [i0, i1) may see by structure alone."""
-    lo = max(0, i0 + q_offset - window + 1) if window else 0
-    hi = min(Lk, i1 - 1 + q_offset + 1) if causal else Lk
-    return lo, hi
 
 
 def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
@@ -35,6 +28,10 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
         config = config_for(KERNEL_NAME, "cpu", problem(*args), "cpu", lambda: cpu_default_config(*args))
     block = int(config["BLOCK_M"])
     gqa = Hq != Hkv
+    if mask is None and key_padding is None and not window and (not causal or q_offset == 0):
+        # Full, or causal aligned at the top left (SDPA's is_causal): SDPA's CPU flash kernel already
+        # skips the tiles above the diagonal.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     real_lo, real_hi = 0, Lk
     if key_padding is not None:  # keys no batch row uses at either end are never read
         used = key_padding.any(0).nonzero()

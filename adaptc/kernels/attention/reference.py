@@ -27,6 +27,13 @@ def check_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: t
     return B, Hq, Hkv, Lq, Lk, D
 
 
+def key_range(i0: int, i1: int, Lk: int, causal: bool, window: int, q_offset: int) -> tuple[int, int]:
+    """Keys [lo, hi) that queries [i0, i1) may see by structure alone."""
+    lo = max(0, i0 + q_offset - window + 1) if window else 0
+    hi = min(Lk, i1 - 1 + q_offset + 1) if causal else Lk
+    return lo, hi
+
+
 def visible(Lq: int, Lk: int, causal: bool, window: int, q_offset: int, device, q_start: int = 0,
             k_start: int = 0, k_stop: int | None = None) -> torch.Tensor | None:
     """[Lq', Lk'] bool: which keys [k_start, k_stop) the queries [q_start, Lq) may see; None = all."""
@@ -35,12 +42,12 @@ def visible(Lq: int, Lk: int, causal: bool, window: int, q_offset: int, device, 
     k_stop = Lk if k_stop is None else k_stop
     p = torch.arange(q_start, Lq, device=device)[:, None] + q_offset
     j = torch.arange(k_start, k_stop, device=device)[None, :]
-    ok = torch.ones(p.shape[0], j.shape[1], dtype=torch.bool, device=device)
-    if causal:
-        ok &= j <= p
-    if window:
-        ok &= p - j < window
-    return ok
+    # Compare broadcast vectors only: no [Lq, Lk] integer intermediate (512 MB at 8K tokens).
+    causal_ok = j <= p if causal else None
+    window_ok = j > p - window if window else None
+    if causal_ok is None or window_ok is None:
+        return causal_ok if window_ok is None else window_ok
+    return causal_ok.logical_and_(window_ok)
 
 
 def dense_mask(B: int, Lq: int, Lk: int, causal: bool, window: int, q_offset: int,

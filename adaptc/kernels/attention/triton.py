@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .._registry import config_for
+from .._triton import device_reason
 from .space import KERNEL_NAME, TRITON_SPACE, problem
 from triton.runtime.interpreter import InterpretedFunction
 
@@ -329,18 +330,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ca
     if key_padding is not None and (key_padding.dtype != torch.bool or tuple(key_padding.shape) != (B, k.shape[2])):
         return f"key_padding must be bool [B={B}, Lk={k.shape[2]}], got {key_padding.dtype} {tuple(key_padding.shape)}"
     tensors = (q, k, v) if key_padding is None else (q, k, v, key_padding)
-    devices = {str(t.device) for t in tensors}
-    if len(devices) > 1:
-        return f"tensors are on different devices: {sorted(devices)}"
-    device = q.device.type
-    if device == "cuda":
-        return None
-    if device == "cpu":
-        if INTERPRETED:
-            return None
-        return ("tensors are on cpu and TRITON_INTERPRET=1 was not set when "
-                "adaptc.kernels.attention.triton was first imported")
-    return f"tensors are on {device}: Triton runs cuda tensors, or cpu ones under TRITON_INTERPRET=1"
+    return device_reason(tensors, INTERPRETED, __name__)
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, window: int,

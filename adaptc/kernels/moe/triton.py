@@ -22,6 +22,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from .._registry import config_for
+from .._triton import device_reason
 from .space import KERNEL_NAME, moe_dims, problem, triton_default_config
 
 ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -150,18 +151,7 @@ INTERPRETED = isinstance(_up_kernel, InterpretedFunction)
 def supports(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
              w13: torch.Tensor, w2: torch.Tensor, activation: str, gated: bool) -> str | None:
     """None when the kernels can run these arguments, else why not."""
-    devices = {str(t.device) for t in (hidden, topk_weights, topk_ids, w13, w2)}
-    if len(devices) > 1:
-        return f"tensors are on different devices: {sorted(devices)}"
-    device = hidden.device.type
-    if device == "cuda":
-        return None
-    if device == "cpu":
-        if INTERPRETED:
-            return None
-        return ("tensors are on cpu and TRITON_INTERPRET=1 was not set when "
-                "adaptc.kernels.moe.triton was first imported")
-    return f"tensors are on {device}: Triton runs cuda tensors, or cpu ones under TRITON_INTERPRET=1"
+    return device_reason((hidden, topk_weights, topk_ids, w13, w2), INTERPRETED, __name__)
 
 
 def triton_fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
