@@ -129,3 +129,18 @@ def test_import_touches_no_gpu():
             "print(torch.cuda.is_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_graph_calls_outside_its_shape_ranges_run_eager():
+    from adaptc.runtime.module import CompiledModule
+
+    model = nn.Sequential(nn.Linear(6, 6)).eval()
+    fast = adaptc.compile(model, example_inputs=(torch.randn(2, 5, 6),), tune=False)
+    assert isinstance(fast, CompiledModule)
+    (dims,) = fast._signature[1]
+    assert dims[1][2] == 6 and isinstance(dims[1][0], tuple)  # batch symbolic, features fixed
+    assert not fast.accepts((torch.randn(2, 5, 7),), {})  # a fixed size differs: the eager model runs
+    fast._signature = (fast._signature[0], [(torch.float32, (("s0", 3, 8), ("s0", 0, None), 6))])
+    assert not fast.accepts((torch.randn(2, 2, 6),), {})  # below the symbol's minimum
+    assert not fast.accepts((torch.randn(4, 5, 6),), {})  # one symbol, two sizes
+    assert fast.accepts((torch.randn(4, 4, 6),), {})

@@ -19,8 +19,8 @@ class Captured:
     method: str                 # "export" | "fx"
     module: nn.Module           # callable graph module
     program: Any = None         # the ExportedProgram, when method == "export"
-    # Per tensor input, its sizes with None where the graph accepts any size (export may specialise).
-    shapes: list[tuple[int | None, ...]] | None = None
+    # Per tensor input, each dim: its fixed size, or (symbol, min, max) where the graph kept it symbolic.
+    shapes: list[tuple[Any, ...]] | None = None
 
 
 def is_driven_from_python(model: nn.Module) -> bool:
@@ -47,20 +47,40 @@ def export(model: nn.Module, inputs: Inputs) -> Captured:
     program = torch.export.export(
         model, inputs.args, inputs.kwargs, dynamic_shapes=dynamic_shapes(model, inputs), strict=False
     )
-    return Captured("export", program.module(), program, input_shapes(program))
+    try:  # CompiledModule.accepts checks the input shapes itself: the graph's guard check costs ~0.25 ms a call
+        graph = program.module(check_guards=False)
+    except TypeError:  # torch without the flag
+        graph = program.module()
+    return Captured("export", graph, program, input_shapes(program))
 
 
-def input_shapes(program: Any) -> list[tuple[int | None, ...]]:
-    """Sizes of the program's tensor inputs; None marks a dim that stayed symbolic."""
+def input_shapes(program: Any) -> list[tuple[Any, ...]]:
+    """Per tensor input, each dim: its size if export fixed it, else (symbol, min, max or None)."""
     from torch.export.graph_signature import InputKind
 
     user = {spec.arg.name for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT}
+    ranges = {str(sym): r for sym, r in program.range_constraints.items()}
     shapes = []
     for node in program.graph.nodes:
         val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
         if isinstance(val, torch.Tensor):
-            shapes.append(tuple(d if isinstance(d, int) else None for d in val.shape))
+            shapes.append(tuple(d if isinstance(d, int) else _symbolic_dim(str(d.node.expr), ranges) for d in val.shape))
     return shapes
+
+
+def _finite(bound: Any) -> int | None:
+    text = str(bound)  # sympy integers, or torch's int_oo / -int_oo
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def _symbolic_dim(expr: str, ranges: dict[str, Any]) -> tuple[str, int, int | None]:
+    r = ranges.get(expr)
+    lo = _finite(r.lower) if r is not None else None
+    hi = _finite(r.upper) if r is not None else None
+    lo = lo or 0
+    # Export traces with sizes >= 2 so that 0/1 do not specialise, and its graphs serve 0 and 1 too
+    # (its own guard check allows them): only a larger lower bound is real.
+    return expr, (lo if lo > 2 else 0), hi
 
 
 def fx_trace(model: nn.Module, inputs: Inputs) -> Captured:

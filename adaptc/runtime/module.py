@@ -45,8 +45,9 @@ class CompiledModule(nn.Module):
         self._signature = signature
 
     @staticmethod
-    def signature_of(args: tuple, kwargs: dict, shapes: list[tuple[int | None, ...]] | None = None) -> Any:
-        """What a call must look like to run the graph: `shapes` gives each tensor's fixed sizes."""
+    def signature_of(args: tuple, kwargs: dict, shapes: list[tuple[Any, ...]] | None = None) -> Any:
+        """What a call must look like to run the graph: `shapes` gives each tensor dim's fixed size or
+        its (symbol, min, max) range (None: any size, for fx graphs)."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = iter(shapes or [])
         return str(spec), [(x.dtype, next(tensors, (None,) * x.ndim)) if isinstance(x, torch.Tensor) else x
@@ -57,12 +58,22 @@ class CompiledModule(nn.Module):
         want_spec, want = self._signature
         if str(spec) != want_spec or len(leaves) != len(want):
             return False
+        symbols: dict[str, int] = {}  # a symbol shared by several dims needs one size for all
         for x, w in zip(leaves, want):
             if not isinstance(x, torch.Tensor):
                 if x != w:
                     return False
-            elif x.dtype != w[0] or x.ndim != len(w[1]) or any(s is not None and s != n for s, n in zip(w[1], x.shape)):
+                continue
+            if x.dtype != w[0] or x.ndim != len(w[1]):
                 return False
+            for dim, n in zip(w[1], x.shape):
+                if isinstance(dim, int):
+                    if dim != n:
+                        return False
+                elif dim is not None:
+                    name, lo, hi = dim
+                    if n < lo or (hi is not None and n > hi) or symbols.setdefault(name, n) != n:
+                        return False
         return True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
