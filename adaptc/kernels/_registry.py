@@ -29,6 +29,12 @@ class ConfigSpace:
     default: Callable[..., dict[str, Any]]          # default(*args): the untuned heuristic
     fits: Callable[..., bool] = lambda config, *args: True  # fits(config, *args): False prunes it
 
+    def contains(self, config: Any) -> bool:
+        """Whether `config` names exactly these knobs, each with one of its values (cached configs come
+        from other machines: a value outside the space must never reach a kernel)."""
+        return (isinstance(config, dict) and set(config) == set(self.knobs)
+                and all(config[k] in values for k, values in self.knobs.items()))
+
     def configs(self, *args: Any) -> list[dict[str, Any]]:
         """Every combination of knob values that fits these arguments."""
         names = list(self.knobs)

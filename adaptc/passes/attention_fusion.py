@@ -71,6 +71,11 @@ def _explain(mask: torch.Tensor, Lq: int, Lk: int, causal: bool, window: int) ->
     return Structure(False, 0, None, mask)
 
 
+def _any(x: torch.Tensor) -> bool:
+    # amax over uint8 is several times faster than any() on a strided bool slice.
+    return x.numel() > 0 and bool(x.view(torch.uint8).amax())
+
+
 def _matches(mask: torch.Tensor, Lq: int, Lk: int, causal: bool, window: int, key_padding: torch.Tensor | None,
              rows: int = 256) -> bool:
     """Whether `mask` is exactly that structure. In row blocks: outside each block's key range the
@@ -81,12 +86,10 @@ def _matches(mask: torch.Tensor, Lq: int, Lk: int, causal: bool, window: int, ke
         i1 = min(Lq, i0 + rows)
         lo, hi = key_range(i0, i1, Lk, causal, window, Lk - Lq)
         part = mask[:, 0, i0:i1]
-        if hi <= lo:
-            if part.any():
-                return False
-            continue
-        if part[..., :lo].any() or part[..., hi:].any():
+        if _any(part[..., :lo]) or _any(part[..., max(lo, hi):]):
             return False
+        if hi <= lo:
+            continue
         want = visible(i1, Lk, causal, window, Lk - Lq, mask.device, q_start=i0, k_start=lo, k_stop=hi)
         if key_padding is not None:
             pad = key_padding[:, None, lo:hi]

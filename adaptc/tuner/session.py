@@ -55,7 +55,10 @@ def _from_cache(kernel: str, impl: str, problem: dict[str, Any], device_type: st
     from ..cache import default_cache
 
     record = default_cache().get(key_for(kernel, impl, problem, device_type))
-    return dict(record.config) if record is not None and record.status == "ok" else None
+    if record is None or record.status != "ok":
+        return None
+    space = KERNELS[kernel].implementations[impl].space
+    return dict(record.config) if space is not None and space.contains(dict(record.config)) else None
 
 
 set_config_source(_from_cache)

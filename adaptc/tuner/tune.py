@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -270,6 +271,11 @@ def tune(kernel: str, impl: str, args: tuple, *, cache: TuningCache, budget: Bud
     key = record_key(kernel, impl, args)
     problem, device = dict(key.problem), args[0].device.type
     record = cache.get(key)
+    if record is not None and record.status == "ok" and not (space.contains(dict(record.config))
+                                                             and space.fits(dict(record.config), *args)):
+        warnings.warn(f"adaptc: ignoring the cached {kernel}/{impl} config {dict(record.config)}: it is not "
+                      "in this kernel's config space; tuning again", stacklevel=2)
+        record = None
     if record is not None:
         config = dict(record.config) if record.status == "ok" else space.default(*args)
         set_config(kernel, impl, problem, device, config)

@@ -135,3 +135,20 @@ def test_tune_calls_reports_problems(cache):
     args = space.make_inputs(10, 32, 32, 4, 2, seed=1)
     result = tune_calls(lambda: torch.ops.adaptc.fused_moe(*args), FAST)
     assert result["measured"] > 0 and result["kernels"][0]["problem"]["T"] == 16
+
+
+def test_a_cached_config_outside_the_space_is_never_run(cache):
+    from adaptc.cache import TuningRecord
+    from adaptc.tuner.tune import record_key
+
+    args = space.make_inputs(12, 32, 32, 4, 2, seed=2)
+    key = record_key("fused_moe", "cpu", args)
+    cache.put(TuningRecord(key, config={"algorithm": "loop", "layout": "diagonal", "combine": "pair_sum", "row_pad": 1},
+                           time_s=1e-6))
+    from adaptc.kernels._registry import _CONFIGS
+    _CONFIGS.clear()
+    # at run time the kernel falls back to its default instead of running the foreign config
+    torch.testing.assert_close(torch.ops.adaptc.fused_moe(*args), KERNELS["fused_moe"].reference(*args))
+    with pytest.warns(UserWarning, match="not in this kernel's config space"):
+        outcome = tune("fused_moe", "cpu", args, cache=cache, budget=FAST)
+    assert outcome.source == "measured" and outcome.config["layout"] in ("wx", "xw")
