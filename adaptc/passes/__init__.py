@@ -7,8 +7,10 @@ from ._base import Pass, PassManager, PassResult  # noqa: F401
 def registry() -> dict[str, type[Pass]]:
     from .attention_fusion import AttentionFusion
     from .moe_fusion import MoEFusion
+    from .sdpa_fusion import SdpaFusion
 
-    return {p.name: p for p in (MoEFusion, AttentionFusion)}
+    # attention_fusion first: what it takes over no longer calls SDPA for sdpa_fusion to find.
+    return {p.name: p for p in (MoEFusion, AttentionFusion, SdpaFusion)}
 
 
 def select(names: list[str] | None) -> list[Pass]:

@@ -58,8 +58,9 @@ def make_inputs(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, *, dtype=to
     if padding:
         key_padding = torch.ones(B, Lk, dtype=torch.bool, device=device)
         n = max(1, Lk // 3)
-        key_padding[0, :n] = False if padding == "left" else key_padding[0, :n]
-        if padding == "right":
+        if padding == "left":
+            key_padding[0, :n] = False
+        else:
             key_padding[0, Lk - n:] = False
     return q, k, v, key_padding, None, D ** -0.5, causal, window, Lk - Lq
 
