@@ -20,7 +20,6 @@ kernels are defined: TRITON_INTERPRET=1 must be set before this module is first 
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
