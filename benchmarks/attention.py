@@ -14,8 +14,6 @@ checked against SDPA before it is timed. Results: benchmarks/results/attention-<
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 import time
 import warnings
@@ -26,22 +24,15 @@ import torch.nn.functional as F
 
 import adaptc.kernels  # noqa: F401  (registers adaptc::attention)
 from adaptc.kernels.attention.reference import dense_mask
-from adaptc.passes.attention_fusion import _explain
+from adaptc.passes.attention_fusion import explain_mask
 from adaptc.tuner.session import tune_calls
 from adaptc.tuner.timing import median_seconds
 from adaptc.tuner.tune import Budget
+from _results import device_name, write_results
 
 HQ, HKV, D = 8, 2, 64
 PATTERNS = {"causal": 0, "window256": 256, "window1024": 1024}
 
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    from adaptc.tuner.device import device_fingerprint
-
-    fp = device_fingerprint("cpu")
-    return f"{fp.name} ({fp.cores} cores)"
 
 
 def flex_variant(L: int, window: int, device: str):
@@ -77,7 +68,7 @@ def bench(L: int, pattern: str, device: str, dtype: torch.dtype, seconds: float,
     # adaptc's overhead: the structure of HF's dense mask, recovered once per forward (all layers share it).
     mask_for_analysis = hf_mask if hf_mask is not None else visible.to(device)
     t0 = time.perf_counter()
-    _explain(mask_for_analysis, L, L, True, window)
+    explain_mask(mask_for_analysis, L, L, True, window)
     row["notes"]["adaptc_mask_analysis_ms"] = (time.perf_counter() - t0) * 1e3
     tuned = tune_calls(variants["adaptc"], Budget(trials=8, seconds=60, seconds_per_trial=0.2))["kernels"]
     row["notes"]["adaptc_config"] = tuned[0]["config"] if tuned else None
@@ -145,11 +136,7 @@ def main() -> None:
         for L in args.lengths:
             for pattern in args.patterns:
                 doc["rows"].append(bench(L, pattern, device, dtype, args.seconds, not args.no_flex))
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", doc["device_name"].lower()).strip("-")
-    (args.out / f"attention-{slug}.json").write_text(json.dumps(doc, indent=2))
-    (args.out / f"attention-{slug}.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.out, "attention", doc["device_name"], doc, markdown(doc))
 
 
 if __name__ == "__main__":

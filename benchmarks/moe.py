@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import multiprocessing
 import os
-import platform
-import re
 import sys
 import time
 import warnings
@@ -35,6 +32,7 @@ import adaptc
 from adaptc.tuner.session import tune_calls
 from adaptc.tuner.timing import median_seconds
 from adaptc.tuner.tune import Budget
+from _results import device_name, write_results
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for the roofline column, by GPU name.
@@ -144,14 +142,6 @@ def bench_smollm2_compile() -> dict:
             "target_seconds": 30.0, "meets_target": seconds <= 30.0}
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    from adaptc.tuner.device import device_fingerprint
-
-    fp = device_fingerprint("cpu")
-    return f"{fp.name} ({fp.cores} cores, {platform.machine()})"
-
 
 def check_targets(rows: list[dict], device: str) -> list[str]:
     """The issue's targets, each as a line that says met or missed."""
@@ -227,11 +217,7 @@ def main() -> None:
         s = doc["smollm2_compile"]
         doc["targets"].append(f"{'met ' if s['meets_target'] else 'MISS'} SmolLM2-135M compile "
                               f"{s['compile_seconds']:.2f}s (<=30s)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", doc["device_name"].lower()).strip("-")
-    (args.out / f"moe-{slug}.json").write_text(json.dumps(doc, indent=2))
-    (args.out / f"moe-{slug}.md").write_text(markdown(doc))
-    print(markdown(doc))
+    write_results(args.out, "moe", doc["device_name"], doc, markdown(doc))
 
 
 if __name__ == "__main__":

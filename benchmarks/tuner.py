@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from adaptc.kernels import KERNELS
 from adaptc.tuner.cost_model import CostModel, evaluate
 from adaptc.tuner.replay import as_records, best_time, load_table, record_table, replay_measure
 from adaptc.tuner.tune import Budget, canonical, measure_order, search
+from _results import slug, write_results
 
 RESULTS = Path(__file__).parent / "results"
 STRATEGIES = ("random", "tpe", "model+tpe")
@@ -36,10 +36,6 @@ WITHIN = 1.05
 CPU_GRID = [dict(H=H, I=I, E=E, K=K) for H, I, E, K in
             [(512, 1792, 8, 2), (1024, 512, 60, 4), (768, 384, 32, 4), (1024, 3584, 8, 2)]]
 CPU_TOKENS = (1, 8, 32, 128, 512)
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def record(kernel: str, impl: str, device: str) -> Path:
@@ -141,11 +137,8 @@ def main() -> None:
     c = doc["compile"]
     lines.append(f"`adaptc.compile` (tiny Mixtral): cold {c['cold']['seconds']:.2f}s ({c['cold']['measured']} measured), "
                  f"warm {c['warm']['seconds']:.2f}s ({c['warm']['measured']} measured, {c['warm']['cache_hits']} cache hits)")
-    RESULTS.mkdir(exist_ok=True)
-    name = slug(doc["replays"][0]["device"]) if doc["replays"] else device
-    (RESULTS / f"tuner-{name}.json").write_text(json.dumps(doc, indent=2))
-    (RESULTS / f"tuner-{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(RESULTS, "tuner", doc["replays"][0]["device"] if doc["replays"] else device, doc,
+                  "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

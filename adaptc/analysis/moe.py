@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+from ..kernels.moe.reference import activation_fn
+from ..kernels.moe.space import ACTIVATIONS as OP_ACTIVATIONS
+
+# The activations the fused op implements, as the kernels define them.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {name: activation_fn(name) for name in OP_ACTIVATIONS}
 SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid_topk")
 TOP_K_NAMES = ("top_k", "num_experts_per_tok", "topk", "k", "num_selected")
 SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")

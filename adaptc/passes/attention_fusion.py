@@ -57,11 +57,11 @@ def mask_structure(mask: torch.Tensor | None, Lq: int, Lk: int, causal: bool, wi
         return Structure(False, 0, None, mask)
     known = _known(mask)
     if (causal, window) not in known:
-        known[(causal, window)] = _explain(mask, Lq, Lk, causal, window)
+        known[(causal, window)] = explain_mask(mask, Lq, Lk, causal, window)
     return known[(causal, window)]
 
 
-def _explain(mask: torch.Tensor, Lq: int, Lk: int, causal: bool, window: int) -> Structure:
+def explain_mask(mask: torch.Tensor, Lq: int, Lk: int, causal: bool, window: int) -> Structure:
     # Keys some query sees; the others are padding (or never visible, which is the same to attention).
     used = mask.view(torch.uint8)[:, 0].amax(dim=1).bool()  # [B, Lk]; uint8: a fast reduction
     key_padding = None if bool(used.all()) else used

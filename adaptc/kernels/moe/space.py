@@ -2,10 +2,10 @@
 
 Three things live here and nowhere else, so the tuner can read them without importing Triton:
 
-* `problem_key` — the bucket a tuned config is valid for (T rounded up to a power of two).
+* `problem` — the bucket a tuned config is valid for (T rounded up to a power of two).
 * the config spaces — candidate values per knob (`TRITON_SPACE`, `CPU_SPACE`), a constraint that
   prunes Triton configs that cannot fit in shared memory (`triton_config_fits`), and heuristic
-  defaults (`default_config`) for when nothing is tuned.
+  defaults (`triton_default_config`, `cpu_default_config`) for when nothing is tuned.
 * analytic features (`features`): FLOPs and bytes moved, for the cost model and roofline checks.
 
 `sample_inputs` is the conformance hook: small random problems every implementation must agree on.
@@ -62,8 +62,6 @@ def bucket_tokens(T: int) -> int:
     return 1 << max(T - 1, 0).bit_length() if T > 1 else T
 
 
-def problem_key(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, gated: bool) -> str:
-    return f"T{bucket_tokens(T)}_H{H}_I{I}_E{E}_K{K}_{str(dtype).removeprefix('torch.')}_{'gated' if gated else 'plain'}"
 
 
 def problem(*args) -> dict[str, Any]:
@@ -114,13 +112,6 @@ def triton_config_fits(cfg: dict[str, Any], dtype: torch.dtype, gated: bool = Tr
     return accs * cfg["BLOCK_M"] * cfg["BLOCK_N"] // (cfg["num_warps"] * 32) <= 256
 
 
-def triton_configs(dtype: torch.dtype, gated: bool = True, smem_bytes: int = H100_SMEM_BYTES) -> Iterator[dict[str, Any]]:
-    """Every config in TRITON_SPACE that passes `triton_config_fits`."""
-    keys = list(TRITON_SPACE)
-    for values in itertools.product(*(TRITON_SPACE[k] for k in keys)):
-        cfg = dict(zip(keys, values))
-        if triton_config_fits(cfg, dtype, gated, smem_bytes):
-            yield cfg
 
 
 def triton_default_config(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, gated: bool) -> dict[str, Any]:
@@ -184,11 +175,6 @@ def cpu_configs() -> Iterator[dict[str, Any]]:
             yield cfg
 
 
-def default_config(device_type: str, T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype,
-                   gated: bool) -> dict[str, Any]:
-    """The untuned config for the implementation AUTO runs on `device_type`."""
-    fn = triton_default_config if device_type == "cuda" else cpu_default_config
-    return fn(T, H, I, E, K, dtype, gated)
 
 
 # ----------------------------------------------------------------------------------------------
