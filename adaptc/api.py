@@ -58,11 +58,17 @@ def compile(
             original=model, working=working, inputs=inputs,
             check_inputs=[inputs, *random_inputs_like(inputs, config.verify_random_inputs, config.seed, vocab)],
             config=config,
+            calibration=[Inputs.of(batch) for batch in calibration] if calibration is not None else None,
         )
         selected = pass_registry.select(config.passes)
+        needy = [p.name for p in selected if p.needs_calibration]
+        if needy and ctx.calibration is None:
+            raise AdaptcError(f"pass(es) {needy} are approximate: they need calibration= batches (the same form as "
+                              "example_inputs) to fit and check themselves against the quality target")
         results, verification = PassManager(selected).run(ctx)
         tuning = _tune(ctx) if config.tune else {"measured": 0, "cache_hits": 0, "kernels": []}
-        emitted, capture_info = _emit(ctx, verification)
+        keeps = [r.name for r, p in zip(results, selected) if r.status == "applied" and p.keeps_blocks]
+        emitted, capture_info = _emit(ctx, verification, keeps)
     finally:
         model.train(was_training)
     report = {
@@ -112,9 +118,12 @@ def _tune(ctx: CompileContext) -> dict[str, Any]:
     return tune_calls(lambda: ctx.working(*ctx.inputs.args, **ctx.inputs.kwargs), budget, seed=c.seed)
 
 
-def _emit(ctx: CompileContext, verification: dict) -> tuple[nn.Module, dict[str, Any]]:
+def _emit(ctx: CompileContext, verification: dict, keeps: list[str] = ()) -> tuple[nn.Module, dict[str, Any]]:
     """Whole-graph capture for pure functions; block granularity where the Python API must survive."""
     mode = ctx.config.capture
+    if keeps:
+        return ctx.working, {"granularity": "blocks", "method": "module",
+                             "reason": f"{', '.join(keeps)} decide(s) at run time which blocks run"}
     if mode == "blocks" or (mode == "auto" and is_driven_from_python(ctx.original)):
         why = "requested" if mode == "blocks" else "generate() and the KV cache drive this model from Python"
         return ctx.working, {"granularity": "blocks", "method": "module", "reason": why}

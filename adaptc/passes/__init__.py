@@ -8,9 +8,11 @@ def registry() -> dict[str, type[Pass]]:
     from .attention_fusion import AttentionFusion
     from .moe_fusion import MoEFusion
     from .sdpa_fusion import SdpaFusion
+    from .sparse_attention import SparseAttention
 
-    # attention_fusion first: what it takes over no longer calls SDPA for sdpa_fusion to find.
-    return {p.name: p for p in (MoEFusion, AttentionFusion, SdpaFusion)}
+    # attention_fusion first: what it takes over no longer calls SDPA for sdpa_fusion to find;
+    # sparse_attention falls back to its exact op where a pattern does not apply.
+    return {p.name: p for p in (MoEFusion, AttentionFusion, SparseAttention, SdpaFusion)}
 
 
 def select(names: list[str] | None) -> list[Pass]:

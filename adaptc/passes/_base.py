@@ -60,8 +60,12 @@ class ModuleEdit:
         _set_child(parent, name, new)
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
-        old = getattr(obj, name)
-        self._undo.append(lambda: setattr(obj, name, old))
+        """Set (or add) an attribute; rollback restores the old value or removes the new attribute."""
+        if hasattr(obj, name):
+            old = getattr(obj, name)
+            self._undo.append(lambda: setattr(obj, name, old))
+        else:
+            self._undo.append(lambda: delattr(obj, name))
         setattr(obj, name, value)
 
     def rollback(self) -> None:
@@ -85,6 +89,7 @@ class CompileContext:
     check_inputs: list[Inputs]  # the examples first, then fresh random inputs of other sizes
     config: Any
     block_inputs: dict[str, tuple[tuple, dict]] = field(default_factory=dict)  # recorded by hooks
+    calibration: list["Inputs"] | None = None  # batches for approximate passes (compile's `calibration=`)
     _expected: list[Any] | None = None
 
     def expected_outputs(self) -> list[Any]:
@@ -131,6 +136,8 @@ class Pass:
     name: ClassVar[str]
     exact: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
+    # Runtime control flow (exits, routers) that a whole-graph export would freeze: emit keeps blocks.
+    keeps_blocks: ClassVar[bool] = False
 
     def match(self, ctx: CompileContext) -> list[Site]:
         """Every candidate site, without changing anything."""
@@ -146,6 +153,11 @@ class Pass:
     def no_sites_reason(self) -> str:
         return "no sites found"
 
+    def verify(self, ctx: CompileContext) -> Any:
+        """After apply: something with `.ok`, `.why` and `.to_dict()`. Exact passes must equal the original;
+        approximate passes override this with their quality check against the user's target."""
+        return ctx.verify()
+
 
 class PassManager:
     def __init__(self, passes: list[Pass]):
@@ -156,6 +168,7 @@ class PassManager:
         for p in self.passes:
             start = time.perf_counter()
             result = self._run_one(ctx, p, verification)
+            result.details = {**(getattr(p, "details", None) or {}), **result.details}  # what the pass measured
             result.seconds = time.perf_counter() - start
             results.append(result)
         return results, verification
@@ -183,10 +196,11 @@ class PassManager:
             return PassResult(p.name, "rolled_back", reason=f"pass failed: {type(exc).__name__}: {exc}",
                               declined=result.declined)
         if not result.sites:
-            result.reason = "every site declined"
+            reasons = {d["reason"] for d in result.declined}
+            result.reason = f"every site declined: {reasons.pop()}" if len(reasons) == 1 else "every site declined"
             return result
         if ctx.config.verify:
-            cmp = ctx.verify()
+            cmp = p.verify(ctx)
             verification[p.name] = cmp.to_dict()
             if not cmp.ok:
                 edit.rollback()

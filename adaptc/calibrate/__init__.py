@@ -1,0 +1,1 @@
+"""Calibration for approximate passes: distillation of exit heads and threshold calibration with guarantees."""

@@ -1,0 +1,179 @@
+"""Sparse attention (approximate, calibrated): each head reads only the key blocks its pattern picks.
+
+Patterns — attention sinks + a local window + the top-k key blocks scored from pooled queries/keys
+(`adaptc::sparse_attention`) — are chosen per head from how much attention mass each candidate keeps
+on the calibration text; one global threshold `tau` on that kept mass is then searched so that the
+model's next-token agreement with the original on calibration text meets `quality`. The measured
+agreement, perplexities and density go in the report. Hugging Face causal LMs only (through the
+attention interface); calls the patterns cannot serve (padding, sliding windows, short sequences) run
+exact `adaptc::attention`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import kernels  # noqa: F401  (registers the adaptc ops)
+from ..calibrate import attention_sparsity as cal
+from ._base import CompileContext, ModuleEdit, Pass, Site
+from .attention_fusion import SUPPORTED_FROM, adaptc_attention_forward, mask_structure
+
+IMPLEMENTATION = "adaptc_sparse"
+TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # sparsest first
+DEFAULT_QUALITY = 0.99
+
+
+def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                             is_causal: bool | None = None, sliding_window: int | None = None,
+                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The "adaptc_sparse" attention implementation: the module's calibrated pattern where it applies."""
+    pattern: cal.HeadPattern | None = getattr(module, "adaptc_sparse_pattern", None)
+    Lq, Lk = query.shape[2], key.shape[2]
+    plain = attention_mask is None or attention_mask.dtype == torch.bool
+    s = mask_structure(attention_mask, Lq, Lk, True, sliding_window or 0) if plain else None
+    if (pattern is None or s is None or s.key_padding is not None or s.mask is not None or s.window
+            or (dropout and module.training) or Lk <= pattern.block):
+        return adaptc_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        is_causal=is_causal, sliding_window=sliding_window, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = torch.ops.adaptc.sparse_attention(query, key, value, scale, Lk - Lq, pattern.block, pattern.sinks,
+                                            pattern.window, pattern.topk)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+
+
+@dataclass
+class Quality:
+    """The approximate pass's verification: measured on held-out calibration batches against `quality`."""
+
+    target: float
+    measured: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.measured.get("agreement", 0.0) >= self.target
+
+    @property
+    def why(self) -> str:
+        return f"next-token agreement {self.measured.get('agreement', 0):.4f} < quality {self.target}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "quality", "metric": "next-token agreement", "target": self.target, **self.measured}
+
+
+class SparseAttention(Pass):
+    name = "sparse_attention"
+    exact = False
+    needs_calibration = True
+
+    def __init__(self) -> None:
+        self.plan: dict[str, cal.HeadPattern] | None = None
+        self.decline: str | None = None
+        self.details: dict[str, Any] = {}
+
+    def match(self, ctx: CompileContext) -> list[Site]:
+        config = getattr(ctx.working, "config", None)
+        if config is None or not getattr(ctx.working, "_supports_sdpa", False) or not hasattr(ctx.working, "generate"):
+            return []
+        if getattr(config, "is_encoder_decoder", False) or not getattr(config, "is_decoder", True):
+            return []
+        return [Site(path, module, {"config": config}) for path, module in ctx.working.named_modules()
+                if type(module).__name__.endswith("Attention") and hasattr(module, "config")]
+
+    def no_sites_reason(self) -> str:
+        return "no Hugging Face causal-LM attention modules (bidirectional and encoder-decoder models are not handled)"
+
+    def check(self, ctx: CompileContext, site: Site) -> str | None:
+        impl = site.info["config"]._attn_implementation
+        if impl not in (*SUPPORTED_FROM, "adaptc", IMPLEMENTATION):
+            return f"the model runs {impl!r} attention"
+        if self.plan is None and self.decline is None:
+            self._calibrate(ctx)
+        return self.decline or (None if site.path in self.plan else "no attention calls seen on the calibration text")
+
+    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
+        config = site.info["config"]
+        if config._attn_implementation != IMPLEMENTATION:
+            register()
+            edit.set_attr(config, "_attn_implementation", IMPLEMENTATION)
+        edit.set_attr(site.module, "adaptc_sparse_pattern", self.plan[site.path])
+
+    def verify(self, ctx: CompileContext) -> Quality:
+        measured = cal.next_token_quality(ctx.working, self._reference(ctx, self.held_out), self.held_out)
+        self.details["held_out"] = measured
+        return Quality(self.target, measured)
+
+    def _reference(self, ctx: CompileContext, batches) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [ctx.original(*b.args, **b.kwargs).logits for b in batches]
+
+    def _calibrate(self, ctx: CompileContext) -> None:
+        """Measure kept mass, then search tau (sparsest first, by bisection) against the quality target."""
+        batches = list(ctx.calibration or [])
+        if len(batches) < 2:
+            self.decline = "needs at least 2 calibration batches (one to fit the patterns, one held out to check them)"
+            return
+        split = max(1, len(batches) // 2)
+        fit, self.held_out = batches[:split], batches[split:]
+        self.target = ctx.config.quality or DEFAULT_QUALITY
+        recovered = cal.recovered_mass(ctx.original, fit)
+        if not recovered:
+            self.decline = "the calibration batches are not longer than one block: nothing to make sparse"
+            return
+        reference = self._reference(ctx, fit)
+        register()
+        config = ctx.working.config
+        old = config._attn_implementation
+        tried: dict[float, dict[str, float]] = {}
+
+        def quality_at(tau: float) -> dict[str, float]:
+            if tau not in tried:
+                plan = cal.patterns_at(recovered, tau)
+                for path, pattern in plan.items():
+                    ctx.working.get_submodule(path).adaptc_sparse_pattern = pattern
+                tried[tau] = cal.next_token_quality(ctx.working, reference, fit)
+            return tried[tau]
+
+        config._attn_implementation = IMPLEMENTATION
+        try:
+            lo, hi = 0, len(TAUS) - 1  # the answer: the smallest index whose agreement meets the target
+            if quality_at(TAUS[hi])["agreement"] < self.target:
+                lo = len(TAUS)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if quality_at(TAUS[mid])["agreement"] >= self.target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+        finally:
+            config._attn_implementation = old
+            for path in recovered:
+                vars(ctx.working.get_submodule(path)).pop("adaptc_sparse_pattern", None)
+        search = [{"tau": t, **q} for t, q in sorted(tried.items())]
+        if lo == len(TAUS):
+            self.decline = (f"no pattern setting meets next-token agreement {self.target} on the calibration text "
+                            f"(densest tried: {search[-1]['agreement']:.4f})")
+            self.details = {"search": search}
+            return
+        tau = TAUS[lo]
+        self.plan = cal.patterns_at(recovered, tau)
+        length = int(cal._input_ids(fit[0]).shape[1])
+        self.details = {
+            "quality_target": self.target, "metric": "next-token agreement with the original", "tau": tau,
+            "calibration": tried[tau], "search": search, "block": cal.BLOCK,
+            "density_at_calibration_length": round(cal.density(self.plan, length), 4),
+            "calibration_length": length,
+            "dense_heads": sum(p.dense_heads() for p in self.plan.values()),
+            "heads": sum(len(p.window) for p in self.plan.values()),
+        }
