@@ -25,3 +25,30 @@ def test_info_json_names_device_and_kernels():
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "adaptc.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "adaptc" in out.stdout
+
+
+def test_tune_any_kernel_over_a_sweep_then_hits_the_cache():
+    args = ["tune", "attention", "--problem", "B=1,Hq=4,Hkv=2,D=16,causal=true,window=0,padded=false,masked=false",
+            "--sweep", "Lq=1,64", "--sweep", "Lk=64", "--trials", "2", "--seconds", "10", "--json"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    rows = json.loads(first.output)["results"]
+    assert [r["problem"]["Lq"] for r in rows] == [1, 64] and all(r["measured"] >= 1 for r in rows)
+    again = json.loads(CliRunner().invoke(main, args).output)["results"]
+    assert [r["source"] for r in again] == ["cache", "cache"] and [r["config"] for r in again] == [r["config"] for r in rows]
+
+
+def test_tune_says_what_a_problem_lacks():
+    result = CliRunner().invoke(main, ["tune", "attention", "--problem", "B=1", "--trials", "1"])
+    assert result.exit_code == 2 and "lacks 'Hq'" in result.output
+
+
+def test_tune_the_kernels_of_a_hugging_face_model(tmp_path):
+    from transformers import MixtralConfig
+
+    MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2).save_pretrained(tmp_path)
+    result = CliRunner().invoke(main, ["tune", "--hf-config", str(tmp_path), "--seq", "8", "--trials", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert {k["kernel"] for k in doc["kernels"]} >= {"fused_moe", "attention"} and doc["measured"] >= 2

@@ -1,10 +1,18 @@
 """`adaptc tune`: tune kernels ahead of time, on this machine or as one of many workers."""
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
 import click
+
+
+def _value(text: str):
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _parse_problem(text: str) -> dict:
@@ -13,16 +21,30 @@ def _parse_problem(text: str) -> dict:
         name, _, value = part.partition("=")
         if not value:
             raise click.BadParameter(f"{part!r} is not NAME=VALUE")
-        out[name.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+        out[name.strip()] = _value(value)
     return out
 
 
+def _parse_sweep(text: str) -> tuple[str, list]:
+    name, _, values = text.partition("=")
+    if not values:
+        raise click.BadParameter(f"{text!r} is not NAME=V1,V2,...")
+    return name.strip(), [_value(v) for v in values.split(",")]
+
+
 @click.command("tune")
-@click.argument("kernel")
-@click.option("--problem", "problems", multiple=True, required=True, metavar="NAME=V,...",
-              help="Problem sizes without the token count, e.g. H=1024,I=3584,E=8,K=2 (repeatable).")
-@click.option("--tokens", multiple=True, type=int, default=(1, 16, 128, 512, 2048), show_default=True,
-              help="Token counts to tune each problem at (repeatable).")
+@click.argument("kernel", required=False)
+@click.option("--problem", "problems", multiple=True, metavar="NAME=V,...",
+              help="One problem of KERNEL, e.g. H=1024,I=3584,E=8,K=2 for fused_moe or "
+                   "B=1,Hq=8,Hkv=2,Lq=1024,Lk=1024,D=64,causal=true,window=0 for attention (repeatable).")
+@click.option("--sweep", "sweeps", multiple=True, metavar="NAME=V1,V2,...",
+              help="Tune every --problem at each of these values of NAME, e.g. T=1,16,128 (repeatable: a grid).")
+@click.option("--tokens", multiple=True, type=int, help="Shorthand for --sweep T=...: token counts (fused_moe).")
+@click.option("--hf-config", type=click.Path(exists=True), default=None,
+              help="Instead of KERNEL: tune every kernel a Hugging Face model built from this config (a config.json "
+                   "or a folder with one; random weights: shapes are what matter) calls at --batch x --seq tokens.")
+@click.option("--batch", default=1, show_default=True, help="With --hf-config: batch size.")
+@click.option("--seq", "seqs", multiple=True, type=int, help="With --hf-config: sequence lengths (default 1 and 128).")
 @click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when there is one).")
 @click.option("--trials", default=24, show_default=True, help="Measurements per problem, at most.")
@@ -33,51 +55,121 @@ def _parse_problem(text: str) -> dict:
               help="Optuna storage shared by workers (postgresql://… or redis://…): run this same command on "
                    "several machines and they split the trials; no config is measured twice.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-def tune_command(kernel, problems, tokens, dtype, device, trials, seconds, strategy, storage, as_json):
-    """Tune KERNEL (e.g. fused_moe) for each --problem at each --tokens count; results go to the cache.
+def tune_command(kernel, problems, sweeps, tokens, hf_config, batch, seqs, dtype, device, trials, seconds, strategy,
+                 storage, as_json):
+    """Tune KERNEL's --problem list (or a model's kernels, --hf-config) ahead of time; results go to the cache.
 
     \b
     adaptc tune fused_moe --problem H=1024,I=3584,E=8,K=2 --tokens 16 --tokens 128
+    adaptc tune attention --problem B=1,Hq=8,Hkv=2,D=64,causal=true,window=0 --sweep Lq=1024,4096 --sweep Lk=4096
+    adaptc tune --hf-config path/to/config.json --seq 1 --seq 512
     """
     import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+    if hf_config:
+        _tune_model(hf_config, batch, seqs or (1, 128), dtype, device, trials, seconds, as_json)
+        return
+    from ..kernels import KERNELS
+
+    tunable = ", ".join(n for n, k in KERNELS.items() if k.example)
+    if kernel not in KERNELS or KERNELS[kernel].example is None:
+        raise click.BadParameter(f"unknown kernel {kernel!r}; tunable: {tunable} (or --hf-config)")
+    if not problems:
+        raise click.BadParameter("give at least one --problem (or --hf-config)")
+    grid = [_parse_sweep(s) for s in sweeps] + ([("T", list(tokens))] if tokens else [])
+    names = [n for n, _ in grid]
+    jobs = [{"dtype": dtype, **_parse_problem(p), **dict(zip(names, values))}
+            for p in problems for values in itertools.product(*(v for _, v in grid))]
+    rows = _tune_jobs(kernel, jobs, device, trials, seconds, strategy, storage, as_json)
+    impl = "triton" if device == "cuda" else "cpu"
+    if as_json:
+        click.echo(json.dumps({"kernel": kernel, "implementation": impl, "results": rows}, indent=2))
+        return
+    _print_table(f"{kernel}/{impl} on {device}", rows)
+
+
+def _tune_jobs(kernel, jobs, device, trials, seconds, strategy, storage, as_json) -> list[dict]:
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
     from ..cache import default_cache
     from ..kernels import KERNELS
-    from .tune import Budget, optuna_storage, tune
     from .cost_model import CostModel
+    from .tune import Budget, optuna_storage, tune
 
-    if kernel not in KERNELS or KERNELS[kernel].example is None:
-        raise click.BadParameter(f"unknown kernel {kernel!r}; tunable: {', '.join(n for n, k in KERNELS.items() if k.example)}")
     k = KERNELS[kernel]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     impl = "triton" if device == "cuda" else "cpu"
-    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
     cache, budget = default_cache(), Budget(trials=trials, seconds=seconds)
     model = CostModel.train(kernel, impl, cache.scan().records) if strategy == "model+tpe" else None
     store = optuna_storage(storage)
-    jobs = [{**_parse_problem(p), "T": t, "dtype": dtype, "gated": True} for p in problems for t in tokens]
     rows = []
     with Progress(console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as progress:
         task = progress.add_task(f"tuning {kernel}/{impl}", total=len(jobs) * trials)
         for job in jobs:
             try:
-                args = k.example({**job}, device)
-            except (KeyError, ValueError, TypeError) as e:
+                args = k.example(dict(job), device)
+            except KeyError as e:
+                raise click.BadParameter(f"problem {job} lacks {e} (a {kernel} problem names every size it needs)") \
+                    from None
+            except (ValueError, TypeError, AttributeError) as e:
                 raise click.BadParameter(f"problem {job}: {e}") from None
             out = tune(kernel, impl, args, cache=cache, budget=budget, strategy=strategy, cost_model=model,
-                              storage=store, on_trial=lambda _: progress.advance(task))
+                       storage=store, on_trial=lambda _: progress.advance(task))
             progress.advance(task, trials - out.measured)
             rows.append({"problem": out.problem, "source": out.source, "measured": out.measured,
                          "time_ms": out.time_s * 1e3 if out.time_s else None, "config": out.config})
+    return rows
+
+
+def _tune_model(path, batch, seqs, dtype, device, trials, seconds, as_json) -> None:
+    import torch
+
+    import adaptc
+    from ..errors import AdaptcError
+
+    try:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    except ImportError:
+        raise click.UsageError("--hf-config needs transformers (pip install 'adaptc[hf]')") from None
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise click.BadParameter(f"{path} is not a Hugging Face config: {e}") from None
+    torch.manual_seed(0)
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        model = AutoModel.from_config(config)
+    model = model.to(device, getattr(torch, dtype)).eval()
+    vocab = getattr(config, "vocab_size", 1000)
+    kernels, totals = [], {"measured": 0, "cache_hits": 0}
+    for seq in seqs:
+        ids = torch.randint(0, vocab, (batch, seq), device=device)
+        try:
+            fast = adaptc.compile(model, example_inputs=(ids,), tune_trials=trials, tune_seconds=seconds)
+        except AdaptcError as e:
+            raise click.ClickException(str(e)) from None
+        tuning = adaptc.report(fast)["tuning"]
+        totals = {k: totals[k] + tuning[k] for k in totals}
+        kernels += [{"seq": seq, **k} for k in tuning["kernels"]]
     if as_json:
-        click.echo(json.dumps({"kernel": kernel, "implementation": impl, "results": rows}, indent=2))
+        click.echo(json.dumps({"model": type(model).__name__, **totals, "kernels": kernels}, indent=2, default=str))
         return
-    table = Table("problem", "source", "measured", "best ms", "config", title=f"{kernel}/{impl} on {device}")
+    rows = [{"problem": {"kernel": k["kernel"], "seq": k["seq"], **k.get("problem", {})}, "source": k.get("source", ""),
+             "measured": k.get("measured", 0), "time_ms": (k.get("time_s") or 0) * 1e3 or None,
+             "config": k.get("config") or {}} for k in kernels]
+    _print_table(f"{type(model).__name__}: {totals['measured']} measured, {totals['cache_hits']} from the cache", rows)
+
+
+def _print_table(title: str, rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("problem", "source", "measured", "best ms", "config", title=title)
     for r in rows:
-        table.add_row(" ".join(f"{a}={b}" for a, b in r["problem"].items() if a not in ("dtype", "gated")),
+        table.add_row(" ".join(f"{a}={b}" for a, b in r["problem"].items() if a != "dtype"),
                       r["source"], str(r["measured"]), f"{r['time_ms']:.3f}" if r["time_ms"] else "-",
                       " ".join(f"{a}={b}" for a, b in r["config"].items()))
     Console().print(table)

@@ -226,7 +226,7 @@ def make_inputs(T: int, H: int, I: int, E: int, K: int, *, dtype: torch.dtype = 
 def example_inputs(p: dict[str, Any], device: str = "cpu", seed: int = 0) -> tuple:
     """Random arguments for a `problem` dict."""
     return make_inputs(p["T"], p["H"], p["I"], p["E"], p["K"], dtype=getattr(torch, p["dtype"]), device=device,
-                       gated=p["gated"], seed=seed)
+                       gated=p.get("gated", True), seed=seed)
 
 
 def sample_inputs(device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> Iterator[tuple]:
