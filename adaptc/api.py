@@ -58,7 +58,7 @@ def compile(
             original=model, working=working, inputs=inputs,
             check_inputs=[inputs, *random_inputs_like(inputs, config.verify_random_inputs, config.seed, vocab)],
             config=config,
-            calibration=[Inputs.of(batch) for batch in calibration] if calibration is not None else None,
+            calibration=[b if isinstance(b, str) else Inputs.of(b) for b in calibration] if calibration is not None else None,
         )
         selected = pass_registry.select(config.passes)
         needy = [p.name for p in selected if p.needs_calibration]
@@ -146,4 +146,28 @@ def _emit(ctx: CompileContext, verification: dict, keeps: list[str] = ()) -> tup
     signature = CompiledModule.signature_of(ctx.inputs.args, ctx.inputs.kwargs, captured.shapes)
     emitted = CompiledModule(captured.module, signature, eager=ctx.working)
     emitted._program = captured.program
-    return emitted, {"granularity": "graph", "method": captured.method, "reason": ""}
+    info = {"granularity": "graph", "method": captured.method, "reason": ""}
+    if ctx.config.tune:
+        info["smallest_call"] = _route_smallest_call(ctx, emitted)
+    return emitted, info
+
+
+def _route_smallest_call(ctx: CompileContext, emitted: CompiledModule) -> dict[str, Any]:
+    """Time the graph and the eager rewrite on the smallest input (one row, one token: a decode step);
+    where eager wins, calls that small skip the graph's per-call overhead."""
+    from .tuner.timing import median_seconds
+
+    batch, seq = ctx.inputs.batch_seq()
+    vocab = getattr(getattr(ctx.original, "config", None), "vocab_size", None)
+    small = ctx.inputs.resized(1, 1 if seq else None, torch.Generator().manual_seed(ctx.config.seed), vocab)
+    first = small.args[0] if small.args and isinstance(small.args[0], torch.Tensor) else None
+    if first is None or not emitted.accepts(small.args, small.kwargs):
+        return {"route": "graph", "reason": "the graph does not take one-row inputs or the first argument is not a tensor"}
+    device = first.device.type
+    with torch.no_grad():
+        times = {name: median_seconds(lambda m=m: m(*small.args, **small.kwargs), device, seconds=0.15, min_runs=10)
+                 for name, m in (("graph", emitted.graph), ("eager", emitted.eager))}
+    route = "eager" if times["eager"] < 0.95 * times["graph"] else "graph"
+    if route == "eager":
+        emitted.eager_below = first.numel()
+    return {"route": route, "elements": first.numel(), **{f"{k}_ms": round(v * 1e3, 4) for k, v in times.items()}}

@@ -38,11 +38,14 @@ class CompiledModule(nn.Module):
     same function. Attributes the user's model had (config, device, ...) are forwarded to it.
     """
 
-    def __init__(self, graph: nn.Module, signature: Any, eager: nn.Module | None = None):
+    def __init__(self, graph: nn.Module, signature: Any, eager: nn.Module | None = None, eager_below: int = 0):
         super().__init__()
         self.graph = graph
         self.eager = eager
         self._signature = signature
+        # Calls whose first tensor has at most this many elements run eager: at decode-sized inputs the
+        # graph module's per-call overhead can cost more than it saves (compile measures both).
+        self.eager_below = eager_below
 
     @staticmethod
     def signature_of(args: tuple, kwargs: dict, shapes: list[tuple[Any, ...]] | None = None) -> Any:
@@ -77,7 +80,10 @@ class CompiledModule(nn.Module):
         return True
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.eager is None or self.accepts(args, kwargs):
+        if self.eager is None:
+            return self.graph(*args, **kwargs)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if (first is None or first.numel() > self.eager_below) and self.accepts(args, kwargs):
             return self.graph(*args, **kwargs)
         return self.eager(*args, **kwargs)
 

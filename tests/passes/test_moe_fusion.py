@@ -93,10 +93,16 @@ def test_user_written_moe_variants(variant, tmp_path):
     fast = adaptc.compile(model, example_inputs=(x,))
     entry = moe_status(fast)
     assert entry["status"] == "applied" and entry["sites"] == ["moes.0", "moes.1"], entry
-    assert adaptc.report(fast)["capture"] == {"granularity": "graph", "method": "export", "reason": ""}
+    capture = adaptc.report(fast)["capture"]
+    assert (capture["granularity"], capture["method"]) == ("graph", "export")
+    # compile timed graph and eager rewrite on a one-token call and routes such calls to the faster
+    assert capture["smallest_call"]["route"] in ("graph", "eager") and capture["smallest_call"]["elements"] == 1
     y = torch.randint(0, 64, (3, 13))
     with torch.no_grad():
         torch.testing.assert_close(fast(y), model(y), rtol=1e-4, atol=1e-5)
+        fast.eager_below = 1  # either route computes the same function
+        one = torch.randint(0, 64, (1, 1))
+        torch.testing.assert_close(fast(one), model(one), rtol=1e-4, atol=1e-5)
     adaptc.save(fast, tmp_path / "u.adaptc")
     loaded = adaptc.load(tmp_path / "u.adaptc")
     with torch.no_grad():

@@ -67,7 +67,7 @@ def cpu_fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: to
     # in half precision the reference weights y in fp32, so do the same).
     weight_h = fp32 and I <= H
 
-    out = torch.zeros(T, H, dtype=torch.float32)
+    out = None if pair_buffer else torch.zeros(T, H, dtype=torch.float32)
     pairs = torch.empty(S, H, dtype=torch.float32) if pair_buffer else None
 
     start = 0
@@ -102,8 +102,10 @@ def cpu_fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: to
             out.index_add_(0, token_sorted[start:stop], y)
         start = stop
 
-    if pair_buffer:
-        out.index_add_(0, token_sorted, pairs)
+    if pair_buffer:  # each token's K rows, gathered back in token order and summed: no scatter
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(S, device=order.device)
+        out = pairs.index_select(0, inverse).view(T, K, H).sum(1)
     return out if fp32 else out.to(hidden.dtype)
 
 
@@ -127,5 +129,6 @@ def _grouped_mm_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: 
         h = h * g[:, I:]
     y = grouped_mm(h.contiguous(), w2.transpose(-2, -1), offs=offs).float()
     y.mul_(topk_weights.reshape(-1).index_select(0, order).float()[:, None])
-    out = torch.zeros(T, H, dtype=torch.float32).index_add_(0, token_sorted, y)
-    return out.to(hidden.dtype)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return y.index_select(0, inverse).view(T, K, H).sum(1).to(hidden.dtype)

@@ -148,7 +148,8 @@ CPU_SPACE: dict[str, list[Any]] = {
     # with few rows far better this way. "xw": x @ W^T, the nn.functional.linear layout.
     "layout": ["wx", "xw"],
     # "index_add": each expert adds its rows into the fp32 output right away.
-    # "pair_sum": experts write a [T*K, H] pair buffer; one index_add at the end.
+    # "pair_sum": experts write a [T*K, H] pair buffer, gathered back in token order and summed over K (no
+    # scatter: index_add_ stalls badly on a busy CPU, 37 ms for 2 rows measured under load).
     "combine": ["index_add", "pair_sum"],
     # Round each expert's row count up to a multiple of this (extra rows are computed and dropped):
     # MKL's small-n GEMM paths are uneven (8 rows measured 1.4x slower than 16 on 2 cores).
