@@ -1,0 +1,109 @@
+"""`adaptc convert IN.onnx -o OUT.onnx`: ONNX in, faster ONNX out, verified in onnxruntime.
+
+Exit codes: 0 converted and verified; 1 the result did not match the original (nothing written);
+2 bad input or arguments (one line on stderr naming the problem).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from .errors import CaptureError, VerificationError
+
+EXIT_MISMATCH, EXIT_BAD_INPUT = 1, 2
+
+
+@click.command("convert")
+@click.argument("input_path", metavar="IN.onnx", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the converted model (never the input).")
+@click.option("--passes", default="attention", show_default=True,
+              help="Comma-separated rewrites: attention (MatMul/Softmax/MatMul → one attention op).")
+@click.option("--target", type=click.Choice(["standard", "onnxruntime"]), default="standard", show_default=True,
+              help="standard: ONNX ops only (Attention, opset 23). onnxruntime: may use com.microsoft "
+                   "contrib ops that onnxruntime's CPU provider has kernels for (MultiHeadAttention).")
+@click.option("--calibration", type=click.Path(exists=False, dir_okay=False), default=None,
+              help="An .npz of input batches (arrays named after the model's inputs), verified on besides random inputs.")
+@click.option("--no-verify", is_flag=True, help="Skip the comparison with the original (not recommended).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document instead of a table.")
+def convert_command(input_path: str, output_path: str, passes: str, target: str, calibration: str | None,
+                    no_verify: bool, as_json: bool) -> None:
+    """Convert IN.onnx into a faster, equivalent ONNX model.
+
+    Loads the model (external data and >2 GB models included), cleans it up (constant folding, dead
+    nodes, shape inference), fuses the attention subgraphs that the torch exporters write into one
+    attention op, then runs the original (onnxruntime, graph optimizations off) and the result
+    (onnxruntime defaults) on the same random inputs and compares every output. The result is written
+    only if every output matches within tolerance.
+
+    \b
+    Examples:
+      adaptc convert bert.onnx -o bert.fast.onnx
+      adaptc convert gpt2.onnx -o gpt2.ort.onnx --target onnxruntime --json
+    """
+    from .convert import ConvertFailed, convert
+
+    names = [p.strip() for p in passes.split(",") if p.strip()]
+    try:
+        report = convert(input_path, output_path, passes=names, target=target, calibration=calibration,
+                         verify=not no_verify)
+    except ConvertFailed as e:
+        _emit(e.report, as_json, failed=str(e))
+        sys.exit(EXIT_MISMATCH)
+    except CaptureError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    except VerificationError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_MISMATCH)
+    _emit(report, as_json)
+
+
+def _emit(report: dict[str, Any], as_json: bool, failed: str | None = None) -> None:
+    if failed:
+        report = {**report, "error": failed}
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        from rich.console import Console
+
+        Console().print(render(report))
+    if failed:
+        click.echo(f"error: {failed}", err=True)
+
+
+def render(report: dict[str, Any]):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    nodes, opset = report.get("nodes", {}), report.get("opset", {})
+    head = Text.assemble((f"{report['input']} → {report['output']}", "bold"),
+                         f"  target {report['target']}; opset {opset.get('before')} → {opset.get('after')}; "
+                         f"nodes {nodes.get('before')} → {nodes.get('after_cleanup')} (cleanup) → {nodes.get('after')}")
+    fusions = Table("rewrite", "fired", "declined (why)", header_style="bold")
+    for f in report.get("fusions", []):
+        why = "; ".join(f"{d['site']}: {d['reason']}" for d in f["declined"][:2]) or "-"
+        fusions.add_row(f["rule"], Text(str(f["fired"]), style="green" if f["fired"] else "yellow"), why)
+    parts = [head, fusions]
+    verification = report.get("verification", {})
+    if verification.get("outputs"):
+        checks = Table("output", "max abs err", "max rel err", "tolerance", header_style="bold",
+                       title=f"verified on {verification['batches']} batch(es) {verification['inputs']}")
+        for name, row in verification["outputs"].items():
+            ok = row["max_rel"] <= row["tolerance"]
+            checks.add_row(name, f"{row['max_abs']:.2e}", Text(f"{row['max_rel']:.2e}", style="green" if ok else "red"),
+                           f"{row['tolerance']:.0e}")
+        parts.append(checks)
+    elif verification.get("skipped"):
+        parts.append(Text(f"verification skipped ({verification['skipped']})", style="yellow"))
+    latency = report.get("latency_ms")
+    if latency:
+        parts.append(Text(f"latency (onnxruntime defaults, inputs {latency['inputs']}): {latency['before']:.2f} ms → "
+                          f"{latency['after']:.2f} ms ({latency['speedup']:.2f}x)", style="dim"))
+    if "error" in report:
+        parts.append(Text(report["error"], style="bold red"))
+    return Group(*parts)
