@@ -13,6 +13,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 
 class KernelPreference(str, enum.Enum):
     AUTO = "auto"
@@ -63,6 +65,14 @@ class Kernel:
     tolerance: Callable[[Any], dict[str, float]] = lambda dtype: {"atol": 1e-4, "rtol": 1e-4}
     # example(problem, device): random arguments for a problem (ahead-of-time tuning, replay tables).
     example: Callable[[dict[str, Any], str], tuple] | None = None
+    # agrees(got, want, tol): whether an output matches the reference's, for kernels whose output is not
+    # one tensor to compare with allclose (tuples, integer indices). None: allclose.
+    agrees: Callable[[Any, Any, dict[str, float]], bool] | None = None
+
+    def matches(self, got: Any, want: Any, tol: dict[str, float]) -> bool:
+        if self.agrees is not None:
+            return self.agrees(got, want, tol)
+        return torch.allclose(got.float(), want.float(), **tol)
 
     def select(self, device_type: str, *args: Any) -> tuple[str, Callable[..., Any]]:
         """The implementation to run on `device_type` for these arguments, and its name."""

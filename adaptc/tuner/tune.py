@@ -91,7 +91,7 @@ def live_measure(kernel: str, impl: str, args: tuple, budget: Budget) -> Measure
                 torch.cuda.synchronize()
         except Exception:  # a config that cannot run (too much shared memory, a compile error, ...)
             return Trial(config, None, "crashed")
-        if not torch.allclose(got.float(), want.float(), **tol):
+        if not k.matches(got, want, tol):
             return Trial(config, None, "wrong")
         return Trial(config, median_seconds(lambda: fn(*args, config=config), device,
                                             seconds=budget.seconds_per_trial, min_runs=3, warmup=1))
