@@ -25,6 +25,7 @@ import torch
 
 from adaptc.kernels import KERNELS
 from adaptc.tuner.cost_model import CostModel, evaluate
+from adaptc.tuner.device import DeviceFingerprint
 from adaptc.tuner.replay import as_records, best_time, load_table, record_table, replay_measure
 from adaptc.tuner.tune import Budget, canonical, measure_order, search
 from _results import slug, write_results
@@ -62,13 +63,14 @@ def replay(table: dict, seeds: int) -> dict:
     k = KERNELS[kernel]
     space = k.implementations[impl].space
     records = as_records(table)
+    units = DeviceFingerprint.from_dict(table["device"]).units
     results = {s: [] for s in STRATEGIES}
     qualities = []
     for i, entry in enumerate(table["problems"]):
         args = k.example(entry["problem"], "cpu")  # only shapes and dtype matter to the space
         recorded = {canonical(t["config"]) for t in entry["trials"]}
         candidates = [c for c in space.configs(*args) if canonical(c) in recorded]
-        model = CostModel.train(kernel, impl, records[:i] + records[i + 1:])
+        model = CostModel.train(kernel, impl, records[:i] + records[i + 1:], units=units)
         if model is not None:
             qualities.append(evaluate(model, [records[i]]))
         model_order = model.rank(kernel, impl, entry["problem"], candidates) if model else None

@@ -65,6 +65,9 @@ class Kernel:
     tolerance: Callable[[Any], dict[str, float]] = lambda dtype: {"atol": 1e-4, "rtol": 1e-4}
     # example(problem, device): random arguments for a problem (ahead-of-time tuning, replay tables).
     example: Callable[[dict[str, Any], str], tuple] | None = None
+    # config_features(impl, problem, config, units): what a config does to this problem on a device with
+    # `units` parallel units (SMs, cores): tiles, waves, padding. For the cost model; None: none.
+    config_features: Callable[[str, dict[str, Any], dict[str, Any], int], dict[str, float]] | None = None
     # agrees(got, want, tol): whether an output matches the reference's, for kernels whose output is not
     # one tensor to compare with allclose (tuples, integer indices). None: allclose.
     agrees: Callable[[Any, Any, dict[str, float]], bool] | None = None
@@ -88,6 +91,13 @@ class Kernel:
     def why_not(self, impl_name: str, *args: Any) -> str | None:
         impl = self.implementations.get(impl_name)
         return f"no {impl_name} implementation" if impl is None else impl.supports(*args)
+
+
+def grid_features(tiles: float, units: int) -> dict[str, float]:
+    """How `tiles` independent programs fill `units` SMs or cores: waves, and the last wave's fill."""
+    units = max(int(units), 1)
+    waves = -(-int(max(tiles, 1)) // units)
+    return {"tiles": float(tiles), "waves": float(waves), "wave_fill": float(tiles) / (waves * units)}
 
 
 KERNELS: dict[str, Kernel] = {}

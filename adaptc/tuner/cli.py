@@ -97,12 +97,15 @@ def _tune_jobs(kernel, jobs, device, trials, seconds, strategy, storage, as_json
     from ..cache import default_cache
     from ..kernels import KERNELS
     from .cost_model import CostModel
+    from .device import device_fingerprint
     from .tune import Budget, optuna_storage, tune
 
     k = KERNELS[kernel]
     impl = "triton" if device == "cuda" else "cpu"
     cache, budget = default_cache(), Budget(trials=trials, seconds=seconds)
-    model = CostModel.train(kernel, impl, cache.scan().records) if strategy == "model+tpe" else None
+    fp = device_fingerprint(device)
+    model = (CostModel.train(kernel, impl, cache.scan().records, device=fp.id, units=fp.units)
+             if strategy == "model+tpe" else None)
     store = optuna_storage(storage)
     rows = []
     with Progress(console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as progress:

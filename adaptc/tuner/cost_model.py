@@ -3,8 +3,9 @@
 Trained on every trial in the tuning cache for one kernel implementation: each record is a query
 group, its trials the documents, and relevance grows with speed relative to that record's best
 (failed configs get 0). Features are the config's knobs (categorical knobs by their index in the
-space) and the problem's analytic features (FLOPs, bytes, rows per expert, ...). One model per
-device: what is fast differs between GPUs. It seeds the search and never replaces measurement.
+space) and the problem's analytic features (FLOPs, bytes, rows per expert, ...), and what each config does to the
+problem on this device (tiles, waves over its SMs or cores, padding: `Kernel.config_features`). One
+model per device: what is fast differs between GPUs. It seeds the search and never replaces measurement.
 """
 from __future__ import annotations
 
@@ -41,13 +42,14 @@ class CostModel:
     impl: str
     booster: Any
     feature_names: list[str]
+    units: int = 1  # the device's parallel units (SMs or cores) the config features are computed for
 
     @property
     def space(self) -> ConfigSpace:
         return KERNELS[self.kernel].implementations[self.impl].space
 
     def features(self, problem: dict[str, Any], configs: Iterable[dict[str, Any]]) -> np.ndarray:
-        return _features(self.kernel, self.space, problem, configs)
+        return _features(self.kernel, self.impl, self.space, problem, configs, self.units)
 
     def scores(self, problem: dict[str, Any], configs: list[dict[str, Any]]) -> np.ndarray:
         return self.booster.predict(self.features(problem, configs))
@@ -62,9 +64,9 @@ class CostModel:
 
     @classmethod
     def train(cls, kernel: str, impl: str, records: Iterable[TuningRecord], device: str | None = None,
-              seed: int = 0) -> "CostModel | None":
+              seed: int = 0, units: int = 1) -> "CostModel | None":
         """A model from the records of `kernel`/`impl` (on `device`, a fingerprint id, if given) with
-        at least two trials; None when there are too few."""
+        at least two trials; None when there are too few. `units`: the device's SMs or cores."""
         import lightgbm as lgb
 
         space = KERNELS[kernel].implementations[impl].space
@@ -77,7 +79,7 @@ class CostModel:
                 continue
             best = min(ok)
             problem = dict(record.key.problem)
-            X.append(_features(kernel, space, problem, [dict(t.config) for t in record.trials]))
+            X.append(_features(kernel, impl, space, problem, [dict(t.config) for t in record.trials], units))
             y += [_relevance(t.time_s, best) for t in record.trials]
             groups.append(len(record.trials))
         if len(groups) < MIN_GROUPS:
@@ -87,14 +89,25 @@ class CostModel:
                   "num_threads": 1, "verbose": -1}
         data = lgb.Dataset(np.concatenate(X), np.asarray(y), group=groups)
         booster = lgb.train(params, data, num_boost_round=200)
-        names = [f"knob.{k}" for k in space.knobs] + [f"log2(1+{k})" for k in sorted(KERNELS[kernel].features(problem))]
-        return cls(kernel, impl, booster, names)
+        names = ([f"knob.{k}" for k in space.knobs] + [f"log2(1+{k})" for k in sorted(KERNELS[kernel].features(problem))]
+                 + [f"config.{k}" for k in sorted(_config_features(kernel, impl, problem, dict(record.trials[0].config), units))])
+        return cls(kernel, impl, booster, names, units)
 
 
-def _features(kernel: str, space: ConfigSpace, problem: dict[str, Any], configs: Iterable[dict[str, Any]]) -> np.ndarray:
+def _config_features(kernel: str, impl: str, problem: dict[str, Any], config: dict[str, Any], units: int) -> dict[str, float]:
+    fn = KERNELS[kernel].config_features
+    return fn(impl, problem, config, units) if fn is not None else {}
+
+
+def _features(kernel: str, impl: str, space: ConfigSpace, problem: dict[str, Any], configs: Iterable[dict[str, Any]],
+              units: int = 1) -> np.ndarray:
     feats = KERNELS[kernel].features(problem)
     problem_row = [math.log2(1 + float(feats[k])) for k in sorted(feats)]
-    rows = [[_knob_value(space, k, c.get(k)) for k in space.knobs] + problem_row for c in configs]
+    rows = []
+    for c in configs:
+        per_config = _config_features(kernel, impl, problem, c, units)
+        rows.append([_knob_value(space, k, c.get(k)) for k in space.knobs] + problem_row
+                    + [float(per_config[k]) for k in sorted(per_config)])
     return np.asarray(rows, dtype=np.float64)
 
 

@@ -58,6 +58,11 @@ class DeviceFingerprint:
         slug = re.sub(r"[^a-z0-9]+", "-", f"{self.kind} {self.name}".lower()).strip("-")[:40]
         return f"{slug}-{digest}"
 
+    @property
+    def units(self) -> int:
+        """Parallel units a kernel's grid is spread over: SMs on a GPU, cores on a CPU."""
+        return int(self.sm_count or self.cores or 1)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["isa"] = list(self.isa)

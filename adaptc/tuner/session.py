@@ -22,6 +22,7 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
 
     from ..cache import default_cache
     from .cost_model import CostModel
+    from .device import device_fingerprint
 
     with trace_calls() as calls, torch.no_grad():
         run()
@@ -35,7 +36,8 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
             progress.update(task, description=f"tuning {kernel}/{impl}")
             # The model trains on the whole cache: only worth it when something must be measured.
             if strategy == "model+tpe" and (kernel, impl) not in models and cache.get(record_key(kernel, impl, args)) is None:
-                models[(kernel, impl)] = CostModel.train(kernel, impl, cache.scan().records)
+                fp = device_fingerprint(args[0].device)
+                models[(kernel, impl)] = CostModel.train(kernel, impl, cache.scan().records, device=fp.id, units=fp.units)
             outcome = tune(kernel, impl, args, cache=cache, budget=budget, strategy=strategy, seed=seed,
                            cost_model=models.get((kernel, impl)), on_trial=lambda _: progress.advance(task))
             progress.advance(task, budget.trials - outcome.measured)

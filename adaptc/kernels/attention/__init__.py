@@ -42,6 +42,7 @@ KERNEL = register(Kernel(
      "triton": Implementation(_triton, _triton_supports,
                               ConfigSpace(space.TRITON_SPACE, _triton_default, _triton_fits))},
     problem=space.problem, features=space.features, tolerance=space.tolerance, example=space.example_inputs,
+    config_features=space.config_features,
 ))
 
 from . import op  # noqa: E402,F401  (registers the custom op)

@@ -1,9 +1,12 @@
 """What an `attention` problem is and the configs its implementations take (read by the tuner)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+
+from .._registry import grid_features
 
 KERNEL_NAME = "attention"
 
@@ -29,6 +32,20 @@ def features(p: dict[str, Any]) -> dict[str, float]:
     bytes_ = elt * p["B"] * p["D"] * (2 * p["Hq"] * Lq + 2 * p["Hkv"] * Lk)
     return {"flops": flops, "bytes": bytes_, "keys_per_query": keys, "density": keys / max(Lk, 1),
             "Lq": Lq, "Lk": Lk, "D": p["D"], "heads": p["Hq"], "gqa": p["Hq"] / p["Hkv"]}
+
+
+def config_features(impl: str, p: dict[str, Any], cfg: dict[str, Any], units: int) -> dict[str, float]:
+    """Query tiles over (batch, head) and waves (Triton; split-KV multiplies decode's tiles), or the
+    number of per-block SDPA calls and keys each reads (CPU)."""
+    keys = features(p)["keys_per_query"]
+    m_blocks = math.ceil(p["Lq"] / cfg["BLOCK_M"])
+    if impl == "triton":
+        splits = cfg["SPLITS"] if p["Lq"] <= cfg["BLOCK_M"] else 1
+        grid = grid_features(p["B"] * p["Hq"] * m_blocks * splits, units)
+        return {**grid, "key_steps": keys / splits / cfg["BLOCK_N"], "q_padding": m_blocks * cfg["BLOCK_M"] / p["Lq"]}
+    # a block of causal queries reads keys up to its last row: the wasted band grows with the block
+    band = min(p["Lk"], keys + (cfg["BLOCK_M"] / 2 if p["causal"] else 0))
+    return {"calls": float(m_blocks), "keys_per_call": band, "heads_per_core": p["B"] * p["Hq"] / max(units, 1)}
 
 
 CPU_SPACE: dict[str, list[Any]] = {"BLOCK_M": [32, 64, 128, 256, 512, 1024]}

@@ -51,7 +51,7 @@ KERNEL = register(Kernel(
      "triton": Implementation(_triton, _triton_supports,
                               ConfigSpace(space.TRITON_SPACE, _triton_default, _triton_fits))},
     problem=space.problem, features=space.features, tolerance=space.tolerance, example=space.example_inputs,
-    agrees=space.agrees,
+    agrees=space.agrees, config_features=space.config_features,
 ))
 
 from .op import exit_confidence  # noqa: E402  (registers the custom op)

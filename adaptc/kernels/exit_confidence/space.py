@@ -4,9 +4,12 @@ Read by the tuner without importing Triton.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+
+from .._registry import grid_features
 
 KERNEL_NAME = "exit_confidence"
 H100_SMEM_BYTES = 232448  # max dynamic shared memory per block on sm_90
@@ -31,6 +34,14 @@ def features(p: dict[str, Any]) -> dict[str, float]:
     logits_bytes = 4.0 * p["N"] * p["V"]
     return {"flops": flops, "bytes": bytes_, "intensity": flops / bytes_, "logits_bytes": logits_bytes,
             "N": p["N"], "V": p["V"], "D": p["D"]}
+
+
+def config_features(impl: str, p: dict[str, Any], cfg: dict[str, Any], units: int) -> dict[str, float]:
+    """Programs over (row blocks, vocabulary slices) and their waves (Triton), or chunk count (CPU)."""
+    if impl == "triton":
+        grid = grid_features(math.ceil(p["N"] / cfg["BLOCK_M"]) * cfg["SPLITS"], units)
+        return {**grid, "v_steps": p["V"] / cfg["SPLITS"] / cfg["BLOCK_V"], "m_padding": math.ceil(p["N"] / cfg["BLOCK_M"]) * cfg["BLOCK_M"] / p["N"]}
+    return {"chunks": math.ceil(p["V"] / cfg["CHUNK"]), "chunk_logit_bytes": 4.0 * p["N"] * min(cfg["CHUNK"], p["V"])}
 
 
 # CHUNK: vocabulary rows per matmul; a chunk of logits [N, CHUNK] should stay in the cache.

@@ -18,6 +18,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .._registry import grid_features
+
 KERNEL_NAME = "fused_moe"
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -74,6 +76,23 @@ def problem(*args) -> dict[str, Any]:
 def problem_features(p: dict[str, Any]) -> dict[str, float]:
     """`features` of a `problem` dict."""
     return features(p["T"], p["H"], p["I"], p["E"], p["K"], getattr(torch, p["dtype"]), p["gated"])
+
+
+def config_features(impl: str, p: dict[str, Any], cfg: dict[str, Any], units: int) -> dict[str, float]:
+    """Tiles and waves of the two grouped GEMMs (Triton), or row padding and GEMM calls (CPU)."""
+    pairs = p["T"] * p["K"]
+    active = min(p["E"], pairs)
+    rows = pairs / active  # rows per hit expert, assuming balanced routing
+    if impl == "triton":
+        m_tiles = active * math.ceil(rows / cfg["BLOCK_M"])
+        up = grid_features(m_tiles * math.ceil(p["I"] / cfg["BLOCK_N"]), units)
+        return {**{f"up_{k}": v for k, v in up.items()}, "m_padding": m_tiles * cfg["BLOCK_M"] / pairs,
+                "down_waves": grid_features(m_tiles * math.ceil(p["H"] / cfg["BLOCK_N"]), units)["waves"],
+                "k_steps": p["H"] / cfg["BLOCK_K"]}
+    pad = int(cfg.get("row_pad", 1))
+    return {"gemm_calls": 2.0 * active if cfg.get("algorithm") == "loop" else 2.0,
+            "row_padding": math.ceil(rows / pad) * pad / rows, "rows_per_gemm": rows,
+            "cores_per_gemm_row": units / rows}
 
 
 # ----------------------------------------------------------------------------------------------
