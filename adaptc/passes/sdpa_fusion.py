@@ -17,6 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .. import kernels  # noqa: F401  (registers adaptc::attention)
+from ..analysis.calls import innermost_callers
 from ._base import CompileContext, ModuleEdit, Pass, Site
 from .attention_fusion import mask_structure
 
@@ -77,34 +78,7 @@ class SdpaIntercept(nn.Module):
 
 def sdpa_callers(model: nn.Module, run) -> dict[str, list[str | None]]:
     """Innermost module path -> why_not() of each SDPA call it made while `run()` ran."""
-    paths = {m: p for p, m in model.named_modules()}
-    stack: list[str] = []
-    calls: dict[str, list[str | None]] = {}
-
-    class Record(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is SDPA:
-                calls.setdefault(stack[-1] if stack else "", []).append(why_not(*args, **kwargs))
-            return func(*args, **kwargs)
-
-    def push(module, args):
-        if module in paths:
-            stack.append(paths[module])
-
-    def pop(module, args, out):
-        if module in paths and stack:
-            stack.pop()
-
-    handles = [nn.modules.module.register_module_forward_pre_hook(push),
-               nn.modules.module.register_module_forward_hook(pop)]
-    try:
-        with torch.no_grad(), Record():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
-    return calls
+    return innermost_callers(model, run, lambda func: func is SDPA, lambda func, *a, **k: why_not(*a, **k))
 
 
 class SdpaFusion(Pass):
