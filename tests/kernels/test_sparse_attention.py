@@ -81,3 +81,17 @@ def test_dense_and_sparse_heads_mix():
     torch.testing.assert_close(got, torch_sparse_attention(*args))
     exact = torch_attention(q, k, v, None, None, scale, True, 0, off)
     torch.testing.assert_close(got[:, [0, 3]], exact[:, [0, 3]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_triton_matches_reference(dtype):
+    triton_mod = pytest.importorskip("adaptc.kernels.sparse_attention.triton")
+    if not triton_mod.INTERPRETED and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() and not triton_mod.INTERPRETED else "cpu"
+    for i, shape in enumerate([(1, 4, 2, 50, 50), (1, 2, 2, 1, 70), (2, 2, 1, 21, 40)]):
+        args = space.make_inputs(*shape, 16, block=16, dtype=dtype, device=device, seed=i)
+        want = torch_sparse_attention(*args)
+        for cfg in ({"BLOCK_N": 16, "num_warps": 2, "num_stages": 1}, None):
+            torch.testing.assert_close(triton_mod.triton_sparse_attention(*args, config=cfg), want,
+                                       **space.tolerance(dtype))

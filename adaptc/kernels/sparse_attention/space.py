@@ -10,6 +10,8 @@ from ..attention.space import bucket
 KERNEL_NAME = "sparse_attention"
 
 CPU_SPACE: dict[str, list[int]] = {"CHUNK": [1, 2, 4, 8, 16, 32]}  # query blocks per gathered SDPA call
+# The query tile is one pattern block; BLOCK_N splits each key block (it must divide the block).
+TRITON_SPACE: dict[str, list[int]] = {"BLOCK_N": [16, 32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3]}
 
 
 def problem(q, k, v, scale, q_offset, block, sinks, window, topk) -> dict[str, Any]:
@@ -30,6 +32,10 @@ def features(p: dict[str, Any]) -> dict[str, float]:
 
 def default_config(q, k, v, scale, q_offset, block, sinks, window, topk) -> dict[str, Any]:
     return {"CHUNK": 4}
+
+
+def triton_default_config(q, k, v, scale, q_offset, block, sinks, window, topk) -> dict[str, Any]:
+    return {"BLOCK_N": min(64, block), "num_warps": 4, "num_stages": 2}
 
 
 def make_inputs(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, *, block: int = 16, sinks: int = 1,
