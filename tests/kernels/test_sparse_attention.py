@@ -95,3 +95,16 @@ def test_triton_matches_reference(dtype):
         for cfg in ({"BLOCK_N": 16, "num_warps": 2, "num_stages": 1}, None):
             torch.testing.assert_close(triton_mod.triton_sparse_attention(*args, config=cfg), want,
                                        **space.tolerance(dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [1, 4096])
+def test_triton_on_gpu(L):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from adaptc.kernels.sparse_attention.triton import triton_sparse_attention
+
+    args = space.make_inputs(1, 8, 2, L, 4096, 64, block=64, sinks=1, window=4, topk=4, dtype=torch.bfloat16,
+                             device="cuda")
+    torch.testing.assert_close(triton_sparse_attention(*args), torch_sparse_attention(*args),
+                               **space.tolerance(torch.bfloat16))
