@@ -3,13 +3,14 @@
     import adaptc
     fast = adaptc.compile(model, example_inputs=(ids,))
     adaptc.report(fast); adaptc.save(fast, "m.adaptc"); adaptc.load("m.adaptc")
+    adaptc.export_onnx(fast, (ids,), "m.onnx")
 
 Importing adaptc is cheap and never touches a GPU: the pipeline loads on first use.
 """
 from ._version import VERSION as __version__
 from .errors import AdaptcError, CaptureError, SaveLoadError, VerificationError
 
-__all__ = ["compile", "report", "save", "load", "AdaptcError", "CaptureError", "SaveLoadError", "VerificationError"]
+__all__ = ["compile", "report", "save", "load", "export_onnx", "AdaptcError", "CaptureError", "SaveLoadError", "VerificationError"]
 
 
 def compile(model, example_inputs=None, passes=None, calibration=None, quality=None, device=None, **options):
@@ -39,3 +40,9 @@ def load(path, map_location=None):
 
     return _load(path, map_location=map_location)
 
+
+def export_onnx(module, example_inputs=None, path="model.onnx", verify=True):
+    """Write a whole-graph compiled module to ONNX, verified in onnxruntime; see `adaptc.export.export_onnx`."""
+    from .export import export_onnx as _export_onnx
+
+    return _export_onnx(module, example_inputs, path, verify=verify)

@@ -45,11 +45,12 @@ def info(as_json: bool) -> None:
 
 from .cache.cli import cache  # noqa: E402  (subcommands are defined beside what they drive)
 from .tuner.cli import tune_command  # noqa: E402
-from .convert_cli import convert_command  # noqa: E402
+from .convert_cli import convert_command, export_command  # noqa: E402
 
 main.add_command(cache)
 main.add_command(tune_command)
 main.add_command(convert_command)
+main.add_command(export_command)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ EXIT_MISMATCH, EXIT_BAD_INPUT = 1, 2
 @click.argument("input_path", metavar="IN.onnx", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
               help="Where to write the converted model (never the input).")
-@click.option("--passes", default="attention", show_default=True,
-              help="Comma-separated rewrites: attention (MatMul/Softmax/MatMul → one attention op).")
+@click.option("--passes", default="attention,moe", show_default=True,
+              help="Comma-separated rewrites: attention (MatMul/Softmax/MatMul → one attention op), "
+                   "moe (router TopK → gathered expert MatMuls → one MoE op, or per-expert MatMuls).")
 @click.option("--target", type=click.Choice(["standard", "onnxruntime"]), default="standard", show_default=True,
               help="standard: ONNX ops only (Attention, opset 23). onnxruntime: may use com.microsoft "
-                   "contrib ops that onnxruntime's CPU provider has kernels for (MultiHeadAttention).")
+                   "contrib ops that onnxruntime's CPU provider has kernels for (MultiHeadAttention, MoE).")
 @click.option("--calibration", type=click.Path(exists=False, dir_okay=False), default=None,
               help="An .npz of input batches (arrays named after the model's inputs), verified on besides random inputs.")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with the original (not recommended).")
@@ -107,3 +108,44 @@ def render(report: dict[str, Any]):
     if "error" in report:
         parts.append(Text(report["error"], style="bold red"))
     return Group(*parts)
+
+
+@click.command("export")
+@click.argument("module_path", metavar="MODULE.adaptc", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
+              help="Where to write the ONNX model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
+def export_command(module_path: str, output_path: str, as_json: bool) -> None:
+    """Write a module saved by adaptc.save to ONNX (opset 23), verified in onnxruntime.
+
+    Whole-graph captures only (encoders, pure functions); adaptc::attention becomes ONNX Attention and
+    adaptc::fused_moe standard ops. The inputs the module was captured with are the example inputs.
+
+    \b
+    Example:
+      adaptc export bert.adaptc -o bert.onnx
+    """
+    from pathlib import Path
+
+    from . import load
+    from .errors import AdaptcError
+    from .export import export_onnx
+
+    if Path(module_path).resolve() == Path(output_path).resolve():
+        click.echo(f"error: -o {output_path} is the input file", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        report = export_onnx(load(module_path), None, output_path)
+    except VerificationError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_MISMATCH)
+    except (AdaptcError, OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+    else:
+        worst = report.get("verification", {}).get("worst", {})
+        ops = ", ".join(f"{k} x{v}" for k, v in report["adaptc_ops"].items()) or "no adaptc ops"
+        click.echo(f"{module_path} → {output_path}: opset {report['opset']}, {ops}; "
+                   f"verified in onnxruntime (max rel err {worst.get('max_rel', float('nan')):.2e})")

@@ -5,7 +5,8 @@ and counts how often each fired (and why it declined elsewhere).
 """
 from ._rule import Decline, OnnxRule, RuleResult, apply_rules
 from .attention import AttentionFusion
+from .moe import MoEFusion
 
-RULES: dict[str, type[OnnxRule]] = {"attention": AttentionFusion}
+RULES: dict[str, type[OnnxRule]] = {"attention": AttentionFusion, "moe": MoEFusion}
 
-__all__ = ["RULES", "Decline", "OnnxRule", "RuleResult", "apply_rules", "AttentionFusion"]
+__all__ = ["RULES", "Decline", "OnnxRule", "RuleResult", "apply_rules", "AttentionFusion", "MoEFusion"]

@@ -11,7 +11,9 @@ Targets:
 - `standard`: ONNX `Attention` (opset 23) on 4-D Q/K/V; GQA by K/V head count (repeat_kv is removed);
   onnxruntime's CPU kernel gives 0 on rows whose every key is masked, as the NaN guard does.
 - `onnxruntime`: com.microsoft `MultiHeadAttention` (3-D Q, K/V 3-D or BNSH, attention_bias); its CPU
-  kernel gives NaN on fully masked rows, so a NaN guard in the original is kept on its output.
+  kernel gives NaN on fully masked rows, so a NaN guard in the original is kept on its output. It needs a
+  static head count: where rotary embeddings sit between the head split and the scores (TorchScript writes
+  the count as -1), it is read from the split behind them; GQA's repeat_kv is then kept (equal heads).
 Both need the mask's query dimension spelled out, so a (B,1,1,T) padding mask is expanded once per model.
 """
 from __future__ import annotations
@@ -96,10 +98,14 @@ class AttentionFusion(OnnxRule):
 
     def _check_mha(self, site: AttentionSite) -> None:
         heads, head_size = _heads(site.q4, bhsd=True)
+        if heads is None:  # rotary embeddings between the head split and the scores hide the split
+            heads, head_size = _heads_behind_rope(site.q4)
         if heads is None or head_size is None:
             raise Decline("MultiHeadAttention needs a static head count and head size; shapes are unknown")
         kv_heads = _heads(site.k4, bhsd=True)[0] if site.k4 is not None else _heads(site.k_bshd, bhsd=False)[0]
         v_heads = _heads(site.v4, bhsd=True)[0]
+        if kv_heads is None and v_heads is None and site.k4 is not None:
+            kv_heads = v_heads = _repeated_heads(site.k4, site.v4, heads)
         if kv_heads != heads or v_heads != heads:
             raise Decline(f"K/V have {kv_heads}/{v_heads} heads for {heads} query heads; "
                           "MultiHeadAttention needs equal heads")
@@ -198,6 +204,35 @@ def _heads(value: ir.Value | None, bhsd: bool) -> tuple[int | None, int | None]:
     if h is None and isinstance(d, int) and isinstance(width, int) and width % d == 0:
         h = width // d  # TorchScript writes the head count as -1
     return h, d
+
+
+def _heads_behind_rope(q4: ir.Value) -> tuple[int | None, int | None]:
+    """(heads, head size) of the head split that rotary embeddings read: q·cos + rotate_half(q)·sin walks
+    back through Add/Mul/Concat/Neg/Slice to one Transpose(Reshape(q3), [0,2,1,3])."""
+    splits, frontier, seen = set(), [q4], 0
+    while frontier and seen < 24:
+        value = frontier.pop()
+        seen += 1
+        t = producer(value, "Transpose")
+        if t is not None and ints(t, "perm") == [0, 2, 1, 3]:
+            splits.add(value)
+            continue
+        node = producer(value, ("Add", "Mul", "Concat", "Neg", "Slice"))
+        if node is not None:
+            frontier += [v for v in node.inputs[:2 if node.op_type != "Concat" else None]
+                         if v is not None and rank(v) == 4 and ir.convenience.get_const_tensor(v) is None]
+    if len(splits) != 1:
+        return None, None
+    return _heads(splits.pop(), bhsd=True)
+
+
+def _repeated_heads(k4: ir.Value, v4: ir.Value, heads: int) -> int | None:
+    """`heads` when K and V are repeat_kv of a split whose head count divides it (GQA expanded to MHA)."""
+    base_k, base_v = _peel_repeat_kv(k4), _peel_repeat_kv(v4)
+    if base_k is None or base_v is None:
+        return None
+    kv = _heads(base_v, bhsd=True)[0]
+    return heads if kv and heads % kv == 0 else None
 
 
 def _shape_spec(value: ir.Value) -> list[int | None] | None:

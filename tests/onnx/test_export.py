@@ -1,0 +1,162 @@
+"""`adaptc.export_onnx` / `adaptc export`: compiled modules written to ONNX and checked in onnxruntime."""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+import adaptc
+from adaptc.cli import main
+from adaptc.errors import AdaptcError, CaptureError
+from adaptc.runtime.module import CompiledModule, CompiledState, attach
+
+from ..moe_models import UserMoEModel, hf_causal_lm
+
+
+def onnx_run(path, *inputs):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)})
+
+
+def assert_close(actual: np.ndarray, expected: torch.Tensor, rtol: float = 1e-4):
+    expected = expected.detach().numpy()
+    assert actual.shape == expected.shape and np.abs(expected).max() > 0
+    assert np.abs(actual - expected).max() <= rtol * np.abs(expected).max(), np.abs(actual - expected).max()
+
+
+def ops_of(path) -> set[str]:
+    return {(f"{n.domain}::" if n.domain else "") + n.op_type for n in ir.load(path).graph.all_nodes()}
+
+
+def compiled_program(fn: torch.nn.Module, args: tuple, dynamic_shapes=None) -> CompiledModule:
+    """A module calling adaptc ops directly, exported as compile's whole-graph capture holds it."""
+    program = torch.export.export(fn, args, dynamic_shapes=dynamic_shapes, strict=False)
+    module = CompiledModule(program.module(), signature=None)
+    module._program = program
+    return attach(module, CompiledState(report={"capture": {"granularity": "graph"}}))
+
+
+@pytest.fixture(scope="module")
+def bert():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=64)
+    model = tf.BertModel(config).eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = adaptc.compile(model, example_inputs=(ids, mask), tune=False)
+    return model, fast, (ids, mask)
+
+
+def test_bert_exports_to_onnx_attention_and_matches(bert, tmp_path):
+    model, fast, example = bert
+    path = tmp_path / "bert.onnx"
+    report = adaptc.export_onnx(fast, example, path)
+    assert report["adaptc_ops"] == {"adaptc::attention": 2} and report["verification"]["ok"]
+    ops = ops_of(path)
+    assert "Attention" in ops and "Softmax" not in ops and not any(op.startswith("adaptc") for op in ops)
+    # another batch size, length and padding: the file kept the program's symbolic sizes
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert_close(onnx_run(path, ids, mask)[0], expected)
+
+
+def test_saved_module_exports_from_the_command_line(bert, tmp_path):
+    _, fast, example = bert
+    adaptc.save(fast, tmp_path / "bert.adaptc")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "bert.adaptc"), "-o", str(tmp_path / "bert.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["verification"]["ok"] and report["opset"] == 23
+    with torch.no_grad():
+        expected = fast(*example).last_hidden_state
+    assert_close(onnx_run(tmp_path / "bert.onnx", *example)[0], expected)
+
+
+@pytest.mark.parametrize("gated,act", [(True, "silu"), pytest.param(False, "gelu", marks=pytest.mark.slow)])
+def test_user_moe_model_exports_to_standard_ops_and_matches(tmp_path, gated, act):
+    torch.manual_seed(0)
+    model = UserMoEModel(layers=1, gated=gated, act=act).eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = adaptc.compile(model, example_inputs=(ids,), tune=False)
+    path = tmp_path / "moe.onnx"
+    report = adaptc.export_onnx(fast, (ids,), path)
+    assert report["adaptc_ops"] == {"adaptc::fused_moe": 1} and report["verification"]["ok"]
+    assert "ScatterElements" in ops_of(path)
+    for shape in ((1, 1), (3, 17)):  # decode-sized (most experts unrouted) and a larger batch
+        other = torch.randint(0, 64, shape, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            assert_close(onnx_run(path, other)[0], model(other))
+
+
+class StructuredAttention(torch.nn.Module):
+    """adaptc::attention with every structure argument: causal, a sliding window, key padding, an offset."""
+
+    def __init__(self, causal: bool, window: int, q_offset: int):
+        super().__init__()
+        self.causal, self.window, self.q_offset = causal, window, q_offset
+
+    def forward(self, q, k, v, key_padding):
+        return torch.ops.adaptc.attention(q, k, v, key_padding, None, 0.3, self.causal, self.window, self.q_offset)
+
+
+@pytest.mark.parametrize("causal,window,q_offset", [(True, 0, 0), (True, 3, 2), (False, 4, 0)])
+def test_attention_structure_becomes_an_onnx_mask(tmp_path, causal, window, q_offset):
+    from adaptc.kernels.attention.reference import torch_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 6, 8, generator=g), torch.randn(2, 2, 8, 8, generator=g), torch.randn(2, 2, 8, 8, generator=g)
+    pad = torch.ones(2, 8, dtype=torch.bool)
+    pad[1, :3] = False  # left padding: with a window, some queries see no key at all (zeros by contract)
+    module = compiled_program(StructuredAttention(causal, window, q_offset), (q, k, v, pad))
+    path = tmp_path / "attention.onnx"
+    assert adaptc.export_onnx(module, (q, k, v, pad), path)["verification"]["ok"]
+    assert "Attention" in ops_of(path)
+    expected = torch_attention(q, k, v, pad, None, 0.3, causal, window, q_offset)
+    np.testing.assert_allclose(onnx_run(path, q, k, v, pad)[0], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_block_granularity_causal_lm_is_refused(tmp_path):
+    model = hf_causal_lm("mixtral")
+    ids = torch.randint(3, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = adaptc.compile(model, example_inputs=(ids,), tune=False)
+    with pytest.raises(CaptureError, match="blocks granularity.*not one graph"):
+        adaptc.export_onnx(fast, (ids,), tmp_path / "lm.onnx")
+    assert not (tmp_path / "lm.onnx").exists()
+
+
+class SparseAttention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.ops.adaptc.sparse_attention(q, k, v, 0.35, 0, 4, [1] * 4, [1] * 4, [1] * 4)
+
+
+def test_op_without_an_onnx_form_is_refused(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    module = compiled_program(SparseAttention(), (q, k, v))
+    with pytest.raises(CaptureError, match="adaptc::sparse_attention has no ONNX form"):
+        adaptc.export_onnx(module, (q, k, v), tmp_path / "sparse.onnx")
+    assert not (tmp_path / "sparse.onnx").exists()
+
+
+def test_a_plain_module_is_refused(tmp_path):
+    with pytest.raises(AdaptcError, match="adaptc.compile or adaptc.load"):
+        adaptc.export_onnx(torch.nn.Linear(3, 3), (torch.randn(2, 3),), tmp_path / "linear.onnx")
