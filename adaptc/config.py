@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,10 @@ class CompileConfig:
             raise ValueError("tune_trials must be >= 1 and tune_seconds > 0 (tune=False turns tuning off)")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "CompileConfig", "version": CONFIG_VERSION, **dataclasses.asdict(self)}
+        """JSON-ready: options that are objects (a tokenizer, say) appear by their type name."""
+        d = dataclasses.asdict(self)
+        d["options"] = {k: v if _is_json(v) else f"<{type(v).__name__}>" for k, v in self.options.items()}
+        return {"type": "CompileConfig", "version": CONFIG_VERSION, **d}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompileConfig":
@@ -51,3 +55,11 @@ class CompileConfig:
             raise ValueError("not a CompileConfig of this version")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -6,6 +6,9 @@ set -euo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || need+=(postgresql)
+# Real offline text for calibration (adaptc/calibrate/text.py): Debian fortunes and the KJV with its reader.
+[ -d /usr/share/games/fortunes ] || need+=(fortunes)
+{ command -v bible >/dev/null && [ -f /usr/lib/bible.data ]; } || need+=(bible-kjv bible-kjv-text)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 sudo=()

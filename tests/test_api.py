@@ -144,3 +144,17 @@ def test_graph_calls_outside_its_shape_ranges_run_eager():
     assert not fast.accepts((torch.randn(2, 2, 6),), {})  # below the symbol's minimum
     assert not fast.accepts((torch.randn(4, 5, 6),), {})  # one symbol, two sizes
     assert fast.accepts((torch.randn(4, 4, 6),), {})
+
+
+def test_bert_with_token_type_ids_and_object_options_compiles_with_a_json_report():
+    import json
+
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96)
+    model = tf.AutoModel.from_config(cfg).eval()
+    ids = torch.randint(0, 128, (2, 10))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    fast = adaptc.compile(model, example_inputs=example, tune=False, some_object=object())
+    report = json.loads(json.dumps(adaptc.report(fast)))  # random check inputs keep token types in range
+    assert {p["name"]: p["status"] for p in report["passes"]}["attention_fusion"] == "applied"
+    assert report["config"]["options"]["some_object"] == "<object>"

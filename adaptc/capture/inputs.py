@@ -48,8 +48,10 @@ class Inputs:
             if not x.is_floating_point():
                 if bool(((x == 0) | (x == 1)).all()) and x.ndim == 2 and x.numel() > 1 and int(x.max()) == 1:
                     return torch.ones(shape, dtype=x.dtype, device=x.device)  # an attention mask
-                high = vocab if vocab else int(x.max()) + 1
-                low = int(x.min()) if not vocab else 0
+                # token ids span the vocabulary; small codes (token_type_ids, segment ids) keep their range
+                ids = vocab and int(x.max()) > 1
+                high = vocab if ids else int(x.max()) + 1
+                low = 0 if ids else int(x.min())
                 return torch.randint(low, max(high, low + 1), shape, generator=generator).to(x.device, x.dtype)
             std, mean = (x.float().std(), x.float().mean()) if x.numel() > 1 else (1.0, 0.0)
             return (torch.randn(shape, generator=generator) * std + mean).to(x.device, x.dtype)

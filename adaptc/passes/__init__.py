@@ -7,13 +7,15 @@ from ._base import Pass, PassManager, PassResult  # noqa: F401
 def registry() -> dict[str, type[Pass]]:
     from .attention_fusion import AttentionFusion
     from .eager_attention_fusion import EagerAttentionFusion
+    from .early_exit import EarlyExit
     from .moe_fusion import MoEFusion
     from .sdpa_fusion import SdpaFusion
     from .sparse_attention import SparseAttention
 
     # attention_fusion first: what it takes over no longer calls SDPA for sdpa_fusion to find;
     # sparse_attention falls back to its exact op where a pattern does not apply.
-    return {p.name: p for p in (MoEFusion, AttentionFusion, SparseAttention, SdpaFusion, EagerAttentionFusion)}
+    return {p.name: p for p in (MoEFusion, AttentionFusion, SparseAttention, SdpaFusion, EagerAttentionFusion,
+                                EarlyExit)}
 
 
 def select(names: list[str] | None) -> list[Pass]:

@@ -1,0 +1,97 @@
+"""Self-distillation of exit heads: the frozen original model is the teacher, unlabeled calibration
+data the only input. The backbone's states are computed once, so training touches the heads alone."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DistillResult:
+    steps: int
+    first_loss: list[float]   # per exit, on the whole set before training
+    final_loss: list[float]   # per exit, after
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "first_loss": [round(x, 5) for x in self.first_loss],
+                "final_loss": [round(x, 5) for x in self.final_loss]}
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) over classes, batch mean: the student learns the teacher's whole belief."""
+    return F.kl_div(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True,
+                    reduction="batchmean")
+
+
+def cosine_to_teacher(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+
+
+def distill_heads(heads: nn.ModuleList, features: list[torch.Tensor], target: torch.Tensor,
+                  student: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                  steps: int = 300, batch: int = 64, lr: float = 3e-3, seed: int = 0,
+                  progress: bool = True, desc: str = "distilling exit heads") -> DistillResult:
+    """Train heads[e] so that student(heads[e], features[e]) matches `target` (teacher outputs, one
+    row per sample). features[e]: [n, H] states at exit e. Deterministic for a given seed."""
+    n = target.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for h in heads for p in h.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+
+    def losses(rows: torch.Tensor | None = None) -> list[torch.Tensor]:
+        pick = (lambda x: x) if rows is None else (lambda x: x[rows])
+        return [loss_fn(student(h, pick(f)), pick(target)) for h, f in zip(heads, features)]
+
+    with torch.no_grad():
+        first = [float(x) for x in losses()]
+    start = [{k: v.clone() for k, v in h.state_dict().items()} for h in heads]
+    bar = _progress(steps, desc) if progress else None
+    heads.train()
+    for _ in range(steps):
+        rows = torch.randint(0, n, (min(batch, n),), generator=gen)
+        loss = torch.stack(losses(rows)).sum()  # exits are independent: one sum trains them all
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    if bar is not None:
+        bar.close()
+    heads.eval()
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        final = [float(x) for x in losses()]
+        for e, (before, after) in enumerate(zip(first, final)):
+            if after > before:  # training from a closed-form start can overshoot: keep the better head
+                heads[e].load_state_dict(start[e])
+                final[e] = before
+    return DistillResult(steps, first, final)
+
+
+@torch.no_grad()
+def least_squares_init(adapters: list[nn.Linear], features: list[torch.Tensor], target: torch.Tensor,
+                       ridge: float = 1e-3) -> None:
+    """Start residual affine heads (x + A x + b) at the ridge-regression fit of the teacher's final state:
+    a closed-form start that distillation then refines through the model's own output layers."""
+    for adapter, x in zip(adapters, features):
+        x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1).double()
+        gram = x1.T @ x1
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+        sol = torch.linalg.solve(gram, x1.T @ (target - x).double())  # [H+1, H]
+        adapter.weight.copy_(sol[:-1].T.to(adapter.weight.dtype))
+        adapter.bias.copy_(sol[-1].to(adapter.bias.dtype))
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, mininterval=0.5)

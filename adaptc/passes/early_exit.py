@@ -1,0 +1,358 @@
+"""early_exit: let easy inputs leave the layer stack early, with the quality loss bounded and measured.
+
+Encoders / classifiers (BERT-like): an exit after every block but the last, each with a small affine
+head distilled from the frozen model (classifier: its pooler + classifier read the head's [CLS];
+embedding model: the head maps the mean-pooled state onto the final embedding). Causal LMs
+(Llama / GPT-2-like): the model's own final norm + LM head at exits spaced by the cost model.
+The confidence measure (softmax max, top-1/top-2 margin, state saturation) is picked per model by
+calibration; thresholds come from Learn-then-Test (adaptc.calibrate.thresholds) on calibration rows
+the heads were not trained on. When nothing meets `quality`, the pass declines and says why.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdaptcError
+from ..runtime.early_exit import (ClassifierTail, EarlyExitEncoder, EncoderExitHead, ExitPlan, cosine01,
+                                  encoder_readout, encoder_signals, install_lm_exits, lm_token_signals,
+                                  masked_mean, supports_kv_fill)
+from ..verify import Comparison
+from ._base import CompileContext, ModuleEdit, Pass, Site
+
+ENCODER_MEASURES = {"classifier": ("softmax_max", "margin", "saturation"), "embedding": ("saturation",)}
+LM_MEASURES = ("softmax_max", "margin", "saturation")
+LM_SPACINGS = (1, 2, 3, 4, 6, 8)
+LM_DRIFT_ROUNDS = 3
+DEFAULT_QUALITY, DEFAULT_DELTA = 0.99, 0.1
+
+
+@dataclass
+class Structure:
+    kind: str                 # classifier | embedding | causal_lm
+    stack_path: str           # encoders: the encoder module; LMs: the ModuleList of decoder layers
+    layers: nn.ModuleList
+    tail: nn.Module | None = None     # classifier: pooler + classifier
+    norm: nn.Module | None = None     # LMs: the final norm
+    lm_head: nn.Linear | None = None
+
+
+def find_structure(model: nn.Module) -> Structure | None:
+    names = {id(m): n for n, m in model.named_modules()}
+    base = getattr(model, "base_model", None)
+    encoder = getattr(base, "encoder", None)
+    if isinstance(getattr(encoder, "layer", None), nn.ModuleList) and not getattr(base.config, "is_decoder", False):
+        if base is model:
+            return Structure("embedding", names[id(encoder)], encoder.layer)
+        classifier = getattr(model, "classifier", None)
+        if isinstance(classifier, nn.Linear) and getattr(base, "pooler", None) is not None:
+            return Structure("classifier", names[id(encoder)], encoder.layer, ClassifierTail(base.pooler, classifier))
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear) and base is not None and base is not model:
+        layers = next((getattr(base, a) for a in ("layers", "h") if isinstance(getattr(base, a, None), nn.ModuleList)), None)
+        norm = next((getattr(base, a) for a in ("norm", "ln_f", "final_layernorm") if getattr(base, a, None) is not None), None)
+        if layers is not None and norm is not None:
+            return Structure("causal_lm", names[id(layers)], layers, norm=norm, lm_head=head)
+    return None
+
+
+def calibration_batches(calibration: Any, options: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    """Calibration data as keyword batches: texts (with options["tokenizer"]), tokenizer outputs /
+    dicts, or tensors of token ids."""
+    items = list(calibration)
+    if items and all(isinstance(x, str) for x in items):
+        tok = options.get("tokenizer")
+        if tok is None:
+            raise AdaptcError("calibration is text: pass tokenizer=... to compile() so it can be tokenized")
+        size, max_len = int(options.get("calibration_batch", 16)), int(options.get("max_length", 128))
+        return [dict(tok(items[i:i + size], return_tensors="pt", padding=True, truncation=True, max_length=max_len))
+                for i in range(0, len(items), size)]
+    out = []
+    for x in items:
+        if hasattr(x, "args") and hasattr(x, "kwargs"):  # compile() wraps each batch as Inputs
+            x = x.kwargs if x.kwargs else x.args
+        if isinstance(x, torch.Tensor):
+            out.append({"input_ids": x if x.dim() == 2 else x.unsqueeze(0)})
+        elif isinstance(x, dict) or hasattr(x, "keys"):
+            out.append({k: v for k, v in dict(x).items() if isinstance(v, torch.Tensor)})
+        elif isinstance(x, (tuple, list)) and x and isinstance(x[0], torch.Tensor):
+            out.append({"input_ids": x[0]})
+        else:
+            raise AdaptcError(f"calibration items must be texts, token-id tensors or tokenizer outputs, got {type(x).__name__}")
+    if not out:
+        raise AdaptcError("calibration data is empty")
+    return out
+
+
+def _valid(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    return mask.bool() if mask is not None else torch.ones(ids.shape, dtype=torch.bool)
+
+
+@torch.no_grad()
+def layer_states(model: nn.Module, layers: nn.ModuleList, batch: dict) -> tuple[Any, list[torch.Tensor]]:
+    """The model's output and the states entering block 0 and leaving every block ([L+1] x [B, S, H])."""
+    states: list[torch.Tensor] = []
+    hooks = [layers[0].register_forward_pre_hook(lambda m, a, kw: states.append((a[0] if a else kw["hidden_states"]).detach()),
+                                                 with_kwargs=True)]
+    for layer in layers:
+        hooks.append(layer.register_forward_hook(lambda m, a, o: states.append((o[0] if isinstance(o, tuple) else o).detach())))
+    try:
+        out = model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, states
+
+
+@torch.no_grad()
+def runtime_agreement(original: nn.Module, compiled: nn.Module, kind: str, batches: list[dict]) -> float:
+    """Agreement of `compiled` with `original`: same class / cosine of the mean-pooled embedding /
+    same next token (every real token, exits and their K/V propagation included)."""
+    hits, count = 0.0, 0
+    for b in batches:
+        want, got = original(**b), compiled(**b)
+        valid = _valid(b)
+        if kind == "classifier":
+            hits += float((want.logits.argmax(-1) == got.logits.argmax(-1)).sum())
+            count += len(valid)
+        elif kind == "embedding":
+            hits += float(cosine01(masked_mean(got.last_hidden_state, valid), masked_mean(want.last_hidden_state, valid)).sum())
+            count += len(valid)
+        else:
+            hits += float((want.logits[valid].argmax(-1) == got.logits[valid].argmax(-1)).sum())
+            count += int(valid.sum())
+    return hits / max(count, 1)
+
+
+def _weights(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
+
+
+def cost_fractions(exit_layers: list[int], layer_cost: float, exit_cost: float, num_layers: int) -> list[float]:
+    """Cost of leaving at each exit (blocks run + exits evaluated), then of running every block (every
+    exit evaluated, none taken), as fractions of the original model: the last entry is above 1, so exits
+    that do not pay for their own evaluation show up as a loss and the pass declines them."""
+    full = num_layers * layer_cost
+    return [((l + 1) * layer_cost + (e + 1) * exit_cost) / full for e, l in enumerate(exit_layers)] + \
+        [(num_layers * layer_cost + len(exit_layers) * exit_cost) / full]
+
+
+class EarlyExit(Pass):
+    name = "early_exit"
+    exact = False
+    needs_calibration = True
+    keeps_blocks = True  # exits are data-dependent control flow between blocks: they do not export
+
+    def __init__(self) -> None:
+        self.details: dict[str, Any] = {}
+
+    def no_sites_reason(self) -> str:
+        return "no BERT-like encoder / classifier or causal-LM layer stack with a final norm and LM head"
+
+    def match(self, ctx: CompileContext) -> list[Site]:
+        s = find_structure(ctx.working)
+        return [Site(s.stack_path, ctx.working.get_submodule(s.stack_path), {"structure": s})] if s else []
+
+    # -- check: distil, measure, calibrate (the verdict needs all of it) --------------------------
+    def check(self, ctx: CompileContext, site: Site) -> str | None:
+        opts = ctx.config.options
+        quality = ctx.config.quality or DEFAULT_QUALITY
+        delta = float(opts.get("delta", DEFAULT_DELTA))
+        s: Structure = site.info["structure"]
+        batches = calibration_batches(ctx.calibration, opts)
+        self._original_layers = find_structure(ctx.original).layers  # hooks go where the teacher runs
+        self.details = {"kind": s.kind, "quality": quality, "delta": delta, "num_layers": len(s.layers),
+                        "calibration_batches": len(batches)}
+        if s.kind == "causal_lm":
+            if not all(supports_kv_fill(l) for l in s.layers):
+                return f"no K/V propagation known for {type(s.layers[0]).__name__}: exited tokens would leave holes in the cache"
+            found = self._plan_lm(ctx, s, batches, quality, delta)
+        else:
+            found = self._plan_encoder(ctx, s, batches, quality, delta)
+        if isinstance(found, str):
+            self.details["declined"] = found
+            return found
+        site.info.update(found)
+        return None
+
+    def _choose(self, trials: list[tuple[str, list[int], torch.Tensor, torch.Tensor, list[float]]],
+                quality: float, delta: float) -> dict[str, Any] | str:
+        """Calibrate every (measure, exits) candidate at delta / #candidates (Bonferroni, so the chosen
+        one keeps the guarantee) and keep the cheapest feasible."""
+        from ..calibrate.thresholds import calibrate_thresholds
+
+        share = delta / len(trials)
+        tried, best = [], None
+        for measure, exits, conf, agree, cost in trials:
+            cal = calibrate_thresholds(conf, agree, cost, quality=quality, delta=share, seed=0)
+            tried.append({"measure": measure, "exit_layers": exits, "feasible": cal.feasible,
+                          "expected_cost": round(cal.expected_cost, 4), "agreement": round(cal.agreement, 4),
+                          "reason": cal.reason})
+            if cal.feasible and (best is None or cal.expected_cost < best[2].expected_cost - 1e-9):
+                best = (measure, exits, cal)
+        self.details["candidates"] = tried
+        if best is None:
+            why = next((t["reason"] for t in tried if t["reason"]), "")
+            return (f"no exit meets quality {quality} with confidence {1 - delta:.2f} on the calibration data "
+                    f"(tried {len(trials)} measure/exit settings{': ' + why if why else ''}); the model is left unchanged")
+        measure, exits, cal = best
+        if cal.expected_cost >= 1.0 - 1e-9:
+            return (f"calibrated exits would not pay for their own evaluation: expected cost {cal.expected_cost:.3f} "
+                    f"of the original ({measure} at blocks {exits}); the model is left unchanged")
+        self.details.update({
+            "measure": measure, "exit_layers": exits, "procedure": cal.method,
+            "guarantee": (f"with probability >= {1 - delta:.3g} over the calibration draw, mean agreement with the "
+                          f"original >= {quality} ({cal.method} at delta/{len(trials)} for each of {len(trials)} "
+                          "measure/exit candidates, Bonferroni; assumes served inputs are drawn like the calibration data)"),
+            "calibration": cal.to_dict(), "measured_agreement": cal.agreement, "exit_histogram": cal.exit_histogram,
+            "expected_cost": cal.expected_cost, "expected_speedup": round(1.0 / cal.expected_cost, 3),
+        })
+        return {"plan": ExitPlan(self.details["kind"], exits, list(cal.thresholds), measure)}
+
+    def _plan_encoder(self, ctx, s: Structure, batches, quality, delta) -> dict[str, Any] | str:
+        from ..calibrate.distill import cosine_to_teacher, distill_heads, kl_to_teacher, least_squares_init
+
+        L = len(s.layers)
+        if L < 2:
+            return "one block: there is nowhere to exit early"
+        readouts, teacher = [], []
+        for b in batches:
+            out, states = layer_states(ctx.original, self._original_layers, b)
+            valid = _valid(b)
+            readouts.append(torch.stack([encoder_readout(s.kind, h, valid) for h in states]))  # [L+1, B, H]
+            teacher.append(out.logits if s.kind == "classifier" else masked_mean(out.last_hidden_state, valid))
+        R, T = torch.cat(readouts, 1), torch.cat(teacher)
+        n = T.shape[0]
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.config.seed))
+        n_train = int(n * float(ctx.config.options.get("distill_fraction", 0.4)))
+        train, held = perm[:n_train], perm[n_train:]
+        exits = list(range(L - 1))
+        hidden = R.shape[-1]
+        heads = nn.ModuleList(EncoderExitHead(hidden) for _ in exits).to(R.device, R.dtype)
+        tail = s.tail
+        if s.kind == "classifier":
+            student, loss = (lambda head, x: tail(head(x))), kl_to_teacher
+        else:
+            student, loss = (lambda head, x: head(x)), cosine_to_teacher
+        opts = ctx.config.options
+        least_squares_init([h.adapter for h in heads], [R[l + 1][train] for l in exits], R[L][train])
+        distilled = distill_heads(heads, [R[l + 1][train] for l in exits], T[train], student, loss,
+                                  steps=int(opts.get("distill_steps", 300)), lr=float(opts.get("distill_lr", 1e-3)), seed=ctx.config.seed,
+                                  progress=bool(opts.get("progress", True)))
+        self.details["distillation"] = {"rows": int(train.numel()), **distilled.to_dict()}
+        with torch.no_grad():
+            sig = [encoder_signals(s.kind, heads[e], tail, R[l][held], R[l + 1][held]) for e, l in enumerate(exits)]
+            if s.kind == "classifier":
+                want = T[held].argmax(-1)
+                agree = torch.stack([(x["top1"] == want).float() for x in sig], 1)
+            else:
+                agree = torch.stack([cosine01(x["embedding"], T[held]) for x in sig], 1)
+        self.details["per_exit_agreement"] = [round(float(a), 4) for a in agree.mean(0)]
+        seq = max(b["input_ids"].shape[1] for b in batches)
+        layer_cost = _weights(s.layers[0]) * seq
+        exit_cost = hidden * hidden + (_weights(tail) if tail is not None else 0)
+        cost = cost_fractions(exits, layer_cost, exit_cost, L)
+        self.details.update({"calibration_rows": int(held.numel()), "cost_model": "weight multiply-adds per row"})
+        trials = [(m, exits, torch.stack([x[m] for x in sig], 1), agree, cost) for m in ENCODER_MEASURES[s.kind]]
+        chosen = self._choose(trials, quality, delta)
+        if isinstance(chosen, dict):
+            chosen["heads"] = heads
+        return chosen
+
+    def _plan_lm(self, ctx, s: Structure, batches, quality, delta) -> dict[str, Any] | str:
+        L = len(s.layers)
+        first = int(ctx.config.options.get("first_exit", L // 2))  # earlier blocks rarely agree with the last
+        candidates = list(range(first, L - 1))
+        if not candidates:
+            return "too few blocks to place an exit"
+        conf = {m: [] for m in LM_MEASURES}
+        agree = []
+        with torch.no_grad():
+            for b in batches:
+                out, states = layer_states(ctx.original, self._original_layers, b)
+                valid = _valid(b)
+                want = out.logits[valid].argmax(-1)
+                sig = [lm_token_signals(s.norm, s.lm_head, states[l][valid], states[l + 1][valid]) for l in candidates]
+                for m in LM_MEASURES:
+                    conf[m].append(torch.stack([x[m] for x in sig], 1))
+                agree.append(torch.stack([(x["top1"] == want).float() for x in sig], 1))
+        A = torch.cat(agree)
+        C = {m: torch.cat(v) for m, v in conf.items()}
+        self.details["per_layer_agreement"] = {l: round(float(a), 4) for l, a in zip(candidates, A.mean(0))}
+        self.details.update({"calibration_tokens": int(A.shape[0]), "cost_model": "weight multiply-adds per token",
+                             "exit_head": "the model's final norm + LM head (fused exit_confidence kernel)",
+                             "samples": "tokens; tokens of one passage are not independent, so the guarantee "
+                                        "treats them as i.i.d. (an approximation)"})
+        layer_cost, exit_cost = _weights(s.layers[0]), s.lm_head.weight.numel()
+        trials = []
+        for spacing in LM_SPACINGS:
+            exits = sorted(l for l in range(L - 1 - spacing, first - 1, -spacing))
+            if not exits:
+                continue
+            cols = [candidates.index(l) for l in exits]
+            cost = cost_fractions(exits, layer_cost, exit_cost, L)
+            trials += [(m, exits, C[m][:, cols], A[:, cols], cost) for m in LM_MEASURES]
+        # The thresholds are fitted on the full model's states, but at run time later tokens attend to
+        # exited tokens' propagated K/V. Measure that drift with the real runtime and, where it costs
+        # agreement, refit against a target raised by the shortfall (each round pays its delta share).
+        target, rounds = quality, []
+        for _ in range(LM_DRIFT_ROUNDS):
+            chosen = self._choose(trials, target, delta / LM_DRIFT_ROUNDS)
+            if isinstance(chosen, str):
+                break
+            edit = ModuleEdit(ctx.working)
+            install_lm_exits(s.layers, chosen["plan"], s.norm, s.lm_head, set_attr=edit.set_attr)
+            try:
+                measured = runtime_agreement(ctx.original, ctx.working, "causal_lm", batches)
+            finally:
+                edit.rollback()
+            rounds.append({"ltt_target": round(target, 5), "runtime_agreement": round(measured, 5),
+                           "expected_speedup": self.details["expected_speedup"]})
+            if measured >= quality:
+                self._lm_runtime_agreement = measured  # verify() reuses it: same plan, same data
+                break
+            target = min(1.0, target + (quality - measured) + 1e-3)
+            chosen = f"with K/V propagation the runtime agreement stays below {quality} (last {measured:.4f})"
+        self.details["drift_rounds"] = rounds
+        return chosen
+
+    # -- apply -------------------------------------------------------------------------------------
+    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
+        s: Structure = site.info["structure"]
+        plan: ExitPlan = site.info["plan"]
+        if s.kind == "causal_lm":
+            install_lm_exits(s.layers, plan, s.norm, s.lm_head, set_attr=edit.set_attr)
+        else:
+            encoder = ctx.working.get_submodule(s.stack_path)
+            edit.replace(s.stack_path, EarlyExitEncoder(encoder, plan, site.info["heads"], s.tail))
+        self._kind, self._quality = s.kind, ctx.config.quality or DEFAULT_QUALITY
+        self._structure = s
+
+    # -- verify: quality on calibration data, not bitwise equality ---------------------------------
+    def verify(self, ctx: CompileContext) -> Comparison:
+        total = Comparison()
+        with torch.no_grad():
+            for inputs, expected in zip(ctx.check_inputs, ctx.expected_outputs()):
+                try:
+                    got = ctx.working(*inputs.args, **inputs.kwargs)
+                except Exception as exc:
+                    return Comparison(math.inf, math.inf, 1, False, f"{type(exc).__name__}: {exc}")
+                if type(got) is not type(expected):
+                    return Comparison(math.inf, math.inf, 1, False, f"output type differs: {type(got).__name__}")
+                total.inputs_checked += 1
+        measured = getattr(self, "_lm_runtime_agreement", None)
+        if measured is None:
+            measured = runtime_agreement(ctx.original, ctx.working, self._kind,
+                                         calibration_batches(ctx.calibration, ctx.config.options))
+        self.details["runtime_agreement_on_calibration_data"] = round(measured, 5)
+        total.max_rel = total.max_abs = 1.0 - measured
+        if measured < self._quality:
+            total.ok, total.why = False, f"runtime agreement {measured:.4f} < quality {self._quality} on the calibration data"
+        return total
