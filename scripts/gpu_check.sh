@@ -37,6 +37,7 @@ python3 -m pytest -q -rs -m gpu tests/kernels 2>&1 | tee "$OUT/gpu-tests.log" ||
 python3 -m pytest -q -x tests/passes tests/test_api.py 2>&1 | tail -5 | tee "$OUT/cpu-tests-on-gpu-box.log" || status=1
 python3 benchmarks/moe.py --no-smollm2 --out benchmarks/results 2>&1 | tee "$OUT/moe.log" || status=1
 python3 benchmarks/attention.py --out benchmarks/results 2>&1 | tee "$OUT/attention.log" || status=1
+python3 benchmarks/exit_confidence.py --out benchmarks/results 2>&1 | tee "$OUT/exit_confidence.log" || status=1
 python3 benchmarks/tuner.py --record 2>&1 | tee "$OUT/tuner.log" || status=1
 cp benchmarks/results/* "$OUT/results/"
 exit $status
