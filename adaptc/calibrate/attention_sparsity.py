@@ -31,15 +31,15 @@ CANDIDATES: tuple[tuple[int, int, int], ...] = (
 @dataclass(frozen=True)
 class HeadPattern:
     block: int
-    sinks: list[int]
-    window: list[int]
-    topk: list[int]
+    sinks: tuple[int, ...]
+    window: tuple[int, ...]
+    topk: tuple[int, ...]
 
     def dense_heads(self) -> int:
         return sum(w >= DENSE[1] for w in self.window)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"block": self.block, "sinks": self.sinks, "window": self.window, "topk": self.topk}
+        return {"block": self.block, "sinks": list(self.sinks), "window": list(self.window), "topk": list(self.topk)}
 
 
 @contextlib.contextmanager
@@ -113,7 +113,7 @@ def patterns_at(recovered: dict[str, torch.Tensor], tau: float, block: int = BLO
         for h in range(kept.shape[1]):
             ok = (kept[:, h] >= tau).nonzero()
             heads.append(CANDIDATES[int(ok[0])] if ok.numel() else DENSE)
-        s, w, t = (list(x) for x in zip(*heads))
+        s, w, t = (tuple(x) for x in zip(*heads))
         out[path] = HeadPattern(block, s, w, t)
     return out
 

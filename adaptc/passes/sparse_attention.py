@@ -6,10 +6,13 @@ on the calibration text; one global threshold `tau` on that kept mass is then se
 model's next-token agreement with the original on calibration text meets `quality`. The measured
 agreement, perplexities and density go in the report. Hugging Face causal LMs only (through the
 attention interface); calls the patterns cannot serve (padding, sliding windows, short sequences) run
-exact `adaptc::attention`.
+exact `adaptc::attention`, and so do calls where the pattern would read most blocks anyway (short
+sequences), where exact attention is both faster and more accurate than what was certified.
 """
 from __future__ import annotations
 
+import contextvars
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,13 +39,26 @@ def sparse_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     plain = attention_mask is None or attention_mask.dtype == torch.bool
     s = mask_structure(attention_mask, Lq, Lk, True, sliding_window or 0) if plain else None
     if (pattern is None or s is None or s.key_padding is not None or s.mask is not None or s.window
-            or (dropout and module.training) or Lk <= pattern.block):
+            or (dropout and module.training) or Lk <= pattern.block
+            or (_density(pattern, Lk) > DENSE_ENOUGH and not _measuring.get())):
         return adaptc_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                         is_causal=is_causal, sliding_window=sliding_window, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = torch.ops.adaptc.sparse_attention(query, key, value, scale, Lk - Lq, pattern.block, pattern.sinks,
-                                            pattern.window, pattern.topk)
+    out = torch.ops.adaptc.sparse_attention(query, key, value, scale, Lk - Lq, pattern.block, list(pattern.sinks),
+                                            list(pattern.window), list(pattern.topk))
     return out.transpose(1, 2).contiguous(), None
+
+
+# Where a pattern would read more than this share of the causal blocks, exact attention (SDPA's flash
+# kernel) is faster than gathering them, and more accurate: measured 0.75x at density 0.75 on SmolLM2.
+# Calibration and verification always run the patterns (what they certify is the pattern itself).
+DENSE_ENOUGH = 0.6
+_measuring: contextvars.ContextVar[bool] = contextvars.ContextVar("adaptc_sparse_measuring", default=False)
+
+
+@functools.lru_cache(maxsize=4096)
+def _density(pattern: cal.HeadPattern, length: int) -> float:
+    return cal.density({"": pattern}, length)
 
 
 def register() -> None:
@@ -110,7 +126,11 @@ class SparseAttention(Pass):
         edit.set_attr(site.module, "adaptc_sparse_pattern", self.plan[site.path])
 
     def verify(self, ctx: CompileContext) -> Quality:
-        measured = cal.next_token_quality(ctx.working, self._reference(ctx, self.held_out), self.held_out)
+        token = _measuring.set(True)
+        try:
+            measured = cal.next_token_quality(ctx.working, self._reference(ctx, self.held_out), self.held_out)
+        finally:
+            _measuring.reset(token)
         self.details["held_out"] = measured
         return Quality(self.target, measured)
 
@@ -146,6 +166,7 @@ class SparseAttention(Pass):
             return tried[tau]
 
         config._attn_implementation = IMPLEMENTATION
+        token = _measuring.set(True)
         try:
             lo, hi = 0, len(TAUS) - 1  # the answer: the smallest index whose agreement meets the target
             if quality_at(TAUS[hi])["agreement"] < self.target:
@@ -157,6 +178,7 @@ class SparseAttention(Pass):
                 else:
                     lo = mid + 1
         finally:
+            _measuring.reset(token)
             config._attn_implementation = old
             for path in recovered:
                 vars(ctx.working.get_submodule(path)).pop("adaptc_sparse_pattern", None)

@@ -80,6 +80,7 @@ class CostModel:
             best = min(ok)
             problem = dict(record.key.problem)
             X.append(_features(kernel, impl, space, problem, [dict(t.config) for t in record.trials], units))
+            sample = problem, dict(record.trials[0].config)  # for the feature names
             y += [_relevance(t.time_s, best) for t in record.trials]
             groups.append(len(record.trials))
         if len(groups) < MIN_GROUPS:
@@ -89,8 +90,9 @@ class CostModel:
                   "num_threads": 1, "verbose": -1}
         data = lgb.Dataset(np.concatenate(X), np.asarray(y), group=groups)
         booster = lgb.train(params, data, num_boost_round=200)
+        problem, config = sample
         names = ([f"knob.{k}" for k in space.knobs] + [f"log2(1+{k})" for k in sorted(KERNELS[kernel].features(problem))]
-                 + [f"config.{k}" for k in sorted(_config_features(kernel, impl, problem, dict(record.trials[0].config), units))])
+                 + [f"config.{k}" for k in sorted(_config_features(kernel, impl, problem, config, units))])
         return cls(kernel, impl, booster, names, units)
 
 

@@ -4,6 +4,7 @@ importing this module makes the cache the kernels' config source at run time."""
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -37,7 +38,13 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
             # The model trains on the whole cache: only worth it when something must be measured.
             if strategy == "model+tpe" and (kernel, impl) not in models and cache.get(record_key(kernel, impl, args)) is None:
                 fp = device_fingerprint(args[0].device)
-                models[(kernel, impl)] = CostModel.train(kernel, impl, cache.scan().records, device=fp.id, units=fp.units)
+                try:
+                    models[(kernel, impl)] = CostModel.train(kernel, impl, cache.scan().records, device=fp.id,
+                                                             units=fp.units)
+                except Exception as exc:  # the model only orders the search: never let it fail a compile
+                    warnings.warn(f"adaptc: no cost model for {kernel}/{impl} ({type(exc).__name__}: {exc}); "
+                                  "searching without it", stacklevel=2)
+                    models[(kernel, impl)] = None
             outcome = tune(kernel, impl, args, cache=cache, budget=budget, strategy=strategy, seed=seed,
                            cost_model=models.get((kernel, impl)), on_trial=lambda _: progress.advance(task))
             progress.advance(task, budget.trials - outcome.measured)

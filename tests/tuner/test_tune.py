@@ -129,6 +129,13 @@ def test_cost_model_learns_a_ranking_from_records(cache):
     ranked = model.rank("fused_moe", "cpu", dict(records[-1].key.problem), configs)
     assert sorted(map(str, ranked)) == sorted(map(str, configs))
     assert CostModel.train("fused_moe", "cpu", records[:1]) is None  # too few problems: no model
+    # a cache shared by several kernels: the other kernel's records (last here) are not this model's
+    from adaptc.kernels.attention.space import make_inputs as attention_inputs
+
+    tune("attention", "cpu", attention_inputs(1, 2, 2, 16, 16, 16), cache=cache, budget=FAST, strategy="exhaustive")
+    everything = cache.scan().records
+    mixed = CostModel.train("fused_moe", "cpu", sorted(everything, key=lambda r: r.key.kernel != "fused_moe/cpu"), units=2)
+    assert mixed is not None and any(n.startswith("config.") for n in mixed.feature_names)
 
 
 def test_tune_calls_reports_problems(cache):
