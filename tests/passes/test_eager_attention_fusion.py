@@ -64,21 +64,20 @@ def test_hand_written_attention_is_fused_and_exact(variant):
     torch.manual_seed(0)
     model = Net(**variant).eval()
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 100, (2, 20), generator=g)
-    kwargs = {}
-    if variant["mask"] == "padding":
-        pad = torch.ones(2, 20, dtype=torch.bool)
-        pad[0, :5] = False
-        kwargs = {"pad": pad}
+
+    def batch(rows, length, padded):  # ids, and for the padding variant a key mask with one row padded
+        ids = torch.randint(0, 100, (rows, length), generator=g)
+        if variant["mask"] != "padding":
+            return ids, {}
+        pad = torch.ones(rows, length, dtype=torch.bool)
+        pad[padded, : length // 3] = False
+        return ids, {"pad": pad}
+
+    ids, kwargs = batch(2, 20, 0)
     fast = adaptc.compile(model, example_inputs=(ids,), example_kwargs=kwargs, tune=False)
     e = entry(fast)
     assert e["status"] == "applied" and e["sites"] == ["blocks.0", "blocks.1"], e
-    ids2 = torch.randint(0, 100, (3, 90), generator=g)
-    kwargs2 = {}
-    if variant["mask"] == "padding":
-        pad2 = torch.ones(3, 90, dtype=torch.bool)
-        pad2[1, :30] = False
-        kwargs2 = {"pad": pad2}
+    ids2, kwargs2 = batch(3, 90, 1)
     with torch.no_grad(), trace_calls() as calls:
         got = fast(ids2, **kwargs2)
     assert any(key[0] == "attention" for key in calls), "the fused op runs"
