@@ -190,18 +190,19 @@ def _shared_state(study: Any, trial: Any, config: dict[str, Any]) -> tuple[float
     """Claim `config` for this worker: (value,) when some worker finished it (None if it failed),
     "running" when another worker has claimed it, None when this worker should measure it.
 
-    Claims are marks on the trial: set ours first, then look for others'. Two workers racing for one
-    config cannot both miss each other's mark, so at most one measures it (at worst neither does,
-    and it is sampled again later)."""
+    Claims are marks on the trial: set ours first, then read every other trial of this config in one
+    snapshot. Two workers racing for one config cannot both miss each other's mark, and a worker that
+    finished in between shows up as finished, not as gone, so at most one measures it (at worst
+    neither does, and it is sampled again later)."""
     from optuna.trial import TrialState
 
-    def others(states):
-        return [t for t in study.get_trials(deepcopy=False, states=states) if t.number != trial.number and t.params == config]
-
-    for other in others((TrialState.COMPLETE, TrialState.FAIL)):
-        return (other.value if other.state == TrialState.COMPLETE else None,)
     trial.set_user_attr("claimed", True)
-    if any(t.user_attrs.get("claimed") for t in others((TrialState.RUNNING,))):
+    others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING))
+              if t.number != trial.number and t.params == config]
+    for other in others:
+        if other.state != TrialState.RUNNING:
+            return (other.value if other.state == TrialState.COMPLETE else None,)
+    if any(t.user_attrs.get("claimed") for t in others):
         return "running"
     return None
 
