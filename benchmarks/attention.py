@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import adaptc.kernels  # noqa: F401  (registers adaptc::attention)
+from adaptc.calibrate.attention_sparsity import HeadPattern, density
 from adaptc.kernels.attention.reference import dense_mask
 from adaptc.passes.attention_fusion import explain_mask
 from adaptc.tuner.session import tune_calls
@@ -96,9 +97,9 @@ def bench(L: int, pattern: str, device: str, dtype: torch.dtype, seconds: float,
     if "flex_attention" in ms:
         row["adaptc_vs_flex"] = ms["flex_attention"] / ms["adaptc"]
     if "adaptc_approx" in ms:
-        n = -(-L // APPROX["block"])
-        reads = sum(min(i + 1, APPROX["sinks"] + APPROX["window"] + APPROX["topk"]) for i in range(n))
-        row["notes"]["approx_density"] = reads / (n * (n + 1) / 2) * row["density"]
+        a = APPROX
+        heads = HeadPattern(a["block"], (a["sinks"],), (a["window"],), (a["topk"],))
+        row["notes"]["approx_density"] = density({"": heads}, L) * row["density"]
         row["approx_vs_sdpa"] = ms["sdpa"] / ms["adaptc_approx"]
     print(f"L={L:5d} {pattern:10s} density {row['density']:.3f}  " + "  ".join(f"{k} {v:9.2f}ms" for k, v in ms.items())
           + f"  | adaptc vs sdpa {row['adaptc_vs_sdpa']:.2f}x", file=sys.stderr)

@@ -45,12 +45,10 @@ class HeadPattern:
 @contextlib.contextmanager
 def attention_hook(model: nn.Module, fn) -> Iterator[None]:
     """Run `model` with Hugging Face attention going through `fn(module, q, k, v, mask, scaling, ...)`."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from ..passes.attention_fusion import register_attention
 
     name = f"adaptc_hook_{id(fn)}"
-    AttentionInterface.register(name, fn)
-    AttentionMaskInterface.register(name, sdpa_mask)
+    register_attention(name, fn)
     config = model.config
     old = config._attn_implementation
     config._attn_implementation = name

@@ -120,13 +120,18 @@ def adaptc_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.
     return out.transpose(1, 2).contiguous(), None
 
 
-def register() -> None:
-    """Make "adaptc" a Hugging Face attention implementation (idempotent)."""
+def register_attention(name: str, fn) -> None:
+    """Make `fn` the Hugging Face attention implementation `name`, with SDPA's boolean masks (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(IMPLEMENTATION, adaptc_attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def register() -> None:
+    """Make "adaptc" a Hugging Face attention implementation (idempotent)."""
+    register_attention(IMPLEMENTATION, adaptc_attention_forward)
 
 
 class AttentionFusion(Pass):

@@ -22,7 +22,7 @@ from torch import nn
 from .. import kernels  # noqa: F401  (registers the adaptc ops)
 from ..calibrate import attention_sparsity as cal
 from ._base import CompileContext, ModuleEdit, Pass, Site
-from .attention_fusion import SUPPORTED_FROM, adaptc_attention_forward, mask_structure
+from .attention_fusion import SUPPORTED_FROM, adaptc_attention_forward, mask_structure, register_attention
 
 IMPLEMENTATION = "adaptc_sparse"
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # sparsest first
@@ -62,11 +62,7 @@ def _density(pattern: cal.HeadPattern, length: int) -> float:
 
 
 def register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(IMPLEMENTATION, sparse_attention_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    register_attention(IMPLEMENTATION, sparse_attention_forward)
 
 
 @dataclass
