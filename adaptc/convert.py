@@ -42,19 +42,22 @@ class ConvertFailed(VerificationError):
 
 def convert(input_path: str | Path, output_path: str | Path, passes: list[str] | None = None,
             target: str = "standard", calibration: str | Path | None = None, verify: bool = True,
-            measure_latency: bool = True, seed: int = 0) -> dict[str, Any]:
-    """Convert one ONNX file; returns the report. CaptureError: bad input. ConvertFailed: outputs differ."""
+            measure_latency: bool = True, seed: int = 0, quality: float | None = None,
+            delta: float = 0.1) -> dict[str, Any]:
+    """Convert one ONNX file; returns the report. CaptureError: bad input. ConvertFailed: outputs differ.
+    `early_exit` in `passes` needs `calibration` and keeps agreement >= `quality` (default 0.99)."""
     t0 = time.perf_counter()
     src, dst = Path(input_path), Path(output_path)
     passes = list(PASSES if passes is None else passes)
-    _check_arguments(src, dst, passes, target)
+    _check_arguments(src, dst, passes, target, calibration)
     model = load_onnx(src)
     original = _session(src, optimize=False, what="the input")
+    rows = load_calibration(calibration, original)
     report: dict[str, Any] = {"input": str(src), "output": str(dst), "target": target, "passes": passes,
                               "opset": {"before": default_opset(model)}, "ops_before": _op_counts(model)}
 
     report["cleanup"] = cleanup(model)
-    model, results = _rewrite(model, passes, target, report)
+    model, results = _rewrite(model, [p for p in passes if p in PASSES], target, report)
     report["fusions"] = [r.to_dict() for r in results]
     prune(model)
     sort(model)
@@ -70,7 +73,7 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
             converted = _session(tmp, optimize=True, what="the converted model")
         except CaptureError as e:  # our rewrite broke the graph: a failed conversion, not a bad input
             raise ConvertFailed(f"{e}; nothing written", report) from None
-        feeds = random_inputs(original, model, seed) + load_calibration(calibration, original)
+        feeds = random_inputs(original, model, seed) + ([_first(rows, VERIFY_BATCH * 4)] if rows else [])
         if verify:
             report["verification"] = compare_sessions(original, converted, feeds)
             if not report["verification"]["ok"]:
@@ -79,8 +82,12 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
                                     f"(rel {worst['max_rel']:.3g} > {worst['tolerance']:.0e}); nothing written", report)
         else:
             report["verification"] = {"ok": None, "skipped": "--no-verify"}
+        if "early_exit" in passes:
+            report["early_exit"] = _early_exit(model, original, rows, quality, delta, seed, tmp, dst)
         if measure_latency:
-            report["latency_ms"] = _latency(src, tmp, feeds[0])
+            report["latency_ms"] = _latency(src, tmp, [feeds[0]])
+            if report.get("early_exit", {}).get("status") == "applied":  # exits pay off on real rows, one at a time
+                report["early_exit"]["latency_ms"] = _latency(src, tmp, _single_rows(rows, 64))
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -88,15 +95,15 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
     return report
 
 
-def _check_arguments(src: Path, dst: Path, passes: list[str], target: str) -> None:
+def _check_arguments(src: Path, dst: Path, passes: list[str], target: str, calibration) -> None:
     if target not in TARGETS:
         raise CaptureError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     for name in passes:
-        if name in APPROXIMATE_PASSES:
-            raise CaptureError(f"pass {name!r} is not available for ONNX yet (it needs ONNX control flow); "
-                               f"exact passes: {', '.join(PASSES)}")
-        if name not in PASSES:
-            raise CaptureError(f"unknown pass {name!r}; choose from {', '.join(PASSES)}")
+        if name not in PASSES + APPROXIMATE_PASSES:
+            raise CaptureError(f"unknown pass {name!r}; choose from {', '.join(PASSES + APPROXIMATE_PASSES)}")
+        if name in APPROXIMATE_PASSES and calibration is None:
+            raise CaptureError(f"pass {name!r} is approximate: it needs --calibration FILE (an .npz of input rows "
+                               "named after the model's inputs) to fit and certify its exits")
     if src.resolve() == dst.resolve() or (dst.exists() and src.exists() and os.path.samefile(src, dst)):
         raise CaptureError(f"-o {dst} is the input file; adaptc never overwrites its input")
     if not dst.parent.exists():
@@ -178,10 +185,45 @@ def _index_bound(model: ir.Model, name: str) -> int:
     return min(bounds) if bounds else 2
 
 
-def load_calibration(path: str | Path | None, session) -> list[dict[str, np.ndarray]]:
-    """An .npz whose arrays are named after the model's inputs: one more batch to verify on."""
+def _early_exit(model: ir.Model, original, rows: dict[str, np.ndarray], quality: float | None, delta: float,
+                seed: int, tmp: Path, dst: Path) -> dict[str, Any]:
+    """Insert calibrated exits; keep them only if the written model, run by onnxruntime one row at a
+    time, still agrees with the original on the calibration rows at least `quality` of the time (else
+    they are rolled back: `tmp` keeps the model without them)."""
+    from .passes.onnx.early_exit import insert_exits, runtime_agreement
+
+    ee = insert_exits(model, original, rows, quality=quality, delta=delta, seed=seed)
+    if ee["status"] != "applied":
+        return ee
+    attempt = tmp.with_name(f"{tmp.name}.exits")
+    try:
+        _save(model, attempt, dst)
+        session = _session(attempt, optimize=True, what="the model with exits")
+        ee["runtime_agreement"] = {"batch1": round(runtime_agreement(original, session, rows, ee, batch=1), 5),
+                                   "batch16": round(runtime_agreement(original, session, rows, ee, batch=16), 5)}
+        if ee["runtime_agreement"]["batch1"] < ee["quality"]:
+            ee.update(status="rolled_back", reason=f"onnxruntime agreement {ee['runtime_agreement']['batch1']:.4f} "
+                                                    f"< quality {ee['quality']} on the calibration rows at batch 1")
+        else:  # `tmp` keeps the exact model otherwise
+            os.replace(attempt, tmp)
+    finally:
+        attempt.unlink(missing_ok=True)
+    return ee
+
+
+def _first(rows: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    return {k: v[:n] for k, v in rows.items()}
+
+
+def _single_rows(rows: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
+    count = min(n, len(next(iter(rows.values()))))
+    return [{k: v[i:i + 1] for k, v in rows.items()} for i in range(count)]
+
+
+def load_calibration(path: str | Path | None, session) -> dict[str, np.ndarray]:
+    """An .npz whose arrays are named after the model's inputs, one row per sample ({} without a file)."""
     if path is None:
-        return []
+        return {}
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
@@ -191,7 +233,11 @@ def load_calibration(path: str | Path | None, session) -> list[dict[str, np.ndar
     missing = [n for n in names if n not in arrays]
     if missing:
         raise CaptureError(f"{path}: calibration data lacks inputs {missing}; it has {sorted(arrays)}")
-    return [{n: arrays[n] for n in names}]
+    rows = {n: arrays[n] for n in names}
+    if len({len(a) for a in rows.values()}) != 1:
+        raise CaptureError(f"{path}: calibration arrays have different row counts "
+                           f"{ {n: len(a) for n, a in rows.items()} }")
+    return rows
 
 
 def compare_sessions(original, converted, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -224,21 +270,22 @@ def _errors(expected: np.ndarray, actual: np.ndarray) -> tuple[float, float]:
     return abs_err, abs_err / max(float(np.abs(e[finite]).max()), 1e-6)
 
 
-def _latency(src: Path, converted: Path, feed: dict[str, np.ndarray], runs: int = 5) -> dict[str, Any]:
-    """Both with onnxruntime's default optimizations, as users run them; on the verification batch."""
+def _latency(src: Path, converted: Path, feeds: list[dict[str, np.ndarray]], runs: int = 5) -> dict[str, Any]:
+    """Both with onnxruntime's default optimizations, as users run them: median time to run `feeds`."""
     def median_ms(path: Path) -> float:
         session = _session(path, optimize=True, what=path.name)
-        session.run(None, feed)
+        session.run(None, feeds[0])
         times = []
         for _ in range(runs):
             t = time.perf_counter()
-            session.run(None, feed)
+            for feed in feeds:
+                session.run(None, feed)
             times.append(time.perf_counter() - t)
         return float(np.median(times) * 1e3)
 
     before, after = median_ms(src), median_ms(converted)
     return {"before": round(before, 3), "after": round(after, 3), "speedup": round(before / after, 3),
-            "inputs": {k: list(v.shape) for k, v in feed.items()}}
+            "inputs": {k: list(v.shape) for k, v in feeds[0].items()}, "runs_of": len(feeds)}
 
 
 def _save(model: ir.Model, tmp: Path, dst: Path) -> None:

@@ -22,16 +22,22 @@ EXIT_MISMATCH, EXIT_BAD_INPUT = 1, 2
               help="Where to write the converted model (never the input).")
 @click.option("--passes", default="attention,moe", show_default=True,
               help="Comma-separated rewrites: attention (MatMul/Softmax/MatMul → one attention op), "
-                   "moe (router TopK → gathered expert MatMuls → one MoE op, or per-expert MatMuls).")
+                   "moe (router TopK → gathered expert MatMuls → one MoE op, or per-expert MatMuls), "
+                   "early_exit (approximate: calibrated exits between layers as ONNX If; needs --calibration).")
 @click.option("--target", type=click.Choice(["standard", "onnxruntime"]), default="standard", show_default=True,
               help="standard: ONNX ops only (Attention, opset 23). onnxruntime: may use com.microsoft "
                    "contrib ops that onnxruntime's CPU provider has kernels for (MultiHeadAttention, MoE).")
 @click.option("--calibration", type=click.Path(exists=False, dir_okay=False), default=None,
-              help="An .npz of input batches (arrays named after the model's inputs), verified on besides random inputs.")
+              help="An .npz of input rows (arrays named after the model's inputs, one row per sample): verified on "
+                   "besides random inputs; early_exit fits and certifies its exits on it.")
+@click.option("--quality", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
+              help="early_exit: agreement with the original to keep (same class; cosine for embeddings)  [default: 0.99]")
+@click.option("--delta", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.1, show_default=True,
+              help="early_exit: the guarantee holds with probability >= 1 - delta over the calibration draw.")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with the original (not recommended).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document instead of a table.")
 def convert_command(input_path: str, output_path: str, passes: str, target: str, calibration: str | None,
-                    no_verify: bool, as_json: bool) -> None:
+                    quality: float | None, delta: float, no_verify: bool, as_json: bool) -> None:
     """Convert IN.onnx into a faster, equivalent ONNX model.
 
     Loads the model (external data and >2 GB models included), cleans it up (constant folding, dead
@@ -40,17 +46,23 @@ def convert_command(input_path: str, output_path: str, passes: str, target: str,
     (onnxruntime defaults) on the same random inputs and compares every output. The result is written
     only if every output matches within tolerance.
 
+    early_exit (opt-in) adds exits after layers as ONNX If nodes, with thresholds certified on the
+    calibration rows (Learn-then-Test) to keep agreement >= --quality; it declines, saying why, when no
+    exit can, and is rolled back if onnxruntime's own run of the result falls short.
+
     \b
     Examples:
       adaptc convert bert.onnx -o bert.fast.onnx
       adaptc convert gpt2.onnx -o gpt2.ort.onnx --target onnxruntime --json
+      adaptc convert classifier.onnx -o classifier.exits.onnx --passes attention,early_exit \\
+          --calibration rows.npz --quality 0.99
     """
     from .convert import ConvertFailed, convert
 
     names = [p.strip() for p in passes.split(",") if p.strip()]
     try:
         report = convert(input_path, output_path, passes=names, target=target, calibration=calibration,
-                         verify=not no_verify)
+                         verify=not no_verify, quality=quality, delta=delta)
     except ConvertFailed as e:
         _emit(e.report, as_json, failed=str(e))
         sys.exit(EXIT_MISMATCH)
@@ -101,6 +113,9 @@ def render(report: dict[str, Any]):
         parts.append(checks)
     elif verification.get("skipped"):
         parts.append(Text(f"verification skipped ({verification['skipped']})", style="yellow"))
+    exits = report.get("early_exit")
+    if exits:
+        parts.append(_render_exits(exits))
     latency = report.get("latency_ms")
     if latency:
         parts.append(Text(f"latency (onnxruntime defaults, inputs {latency['inputs']}): {latency['before']:.2f} ms → "
@@ -108,6 +123,22 @@ def render(report: dict[str, Any]):
     if "error" in report:
         parts.append(Text(report["error"], style="bold red"))
     return Group(*parts)
+
+
+def _render_exits(ee: dict[str, Any]):
+    from rich.text import Text
+
+    status = ee["status"]
+    if status != "applied":
+        return Text(f"early_exit {status}: {ee['reason']}", style="yellow")
+    runtime, latency = ee.get("runtime_agreement", {}), ee.get("latency_ms")
+    line = (f"early_exit applied: {ee['kind']}, exits after layers {[e + 1 for e in ee['exit_layers']]} of {ee['num_layers']} "
+            f"({ee['measure']}); agreement {ee['measured_agreement']:.4f} on {ee['calibration_rows']} calibration rows, "
+            f"onnxruntime batch 1 {runtime.get('batch1', float('nan')):.4f} / batch 16 {runtime.get('batch16', float('nan')):.4f}; "
+            f"exits taken {ee['exit_histogram']}; expected speedup {ee['expected_speedup']:.2f}x")
+    if latency:
+        line += f"; measured {latency['speedup']:.2f}x over {latency['runs_of']} rows at batch 1"
+    return Text(line + f"\n  guarantee: {ee['guarantee']}", style="green")
 
 
 @click.command("export")

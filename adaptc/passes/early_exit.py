@@ -144,6 +144,42 @@ def cost_fractions(exit_layers: list[int], layer_cost: float, exit_cost: float, 
         [(num_layers * layer_cost + len(exit_layers) * exit_cost) / full]
 
 
+def choose_exits(trials: list[tuple[str, list[int], torch.Tensor, torch.Tensor, list[float]]],
+                 quality: float, delta: float, details: dict[str, Any]) -> ExitPlan | str:
+    """Calibrate every (measure, exits, confidence, agreement, cost) candidate at delta / #candidates
+    (Bonferroni, so the chosen one keeps the guarantee) and keep the cheapest feasible. `details`
+    (with its "kind") gets the candidates, the guarantee and the measured figures; a string says why not."""
+    from ..calibrate.thresholds import calibrate_thresholds
+
+    share = delta / len(trials)
+    tried, best = [], None
+    for measure, exits, conf, agree, cost in trials:
+        cal = calibrate_thresholds(conf, agree, cost, quality=quality, delta=share, seed=0)
+        tried.append({"measure": measure, "exit_layers": exits, "feasible": cal.feasible,
+                      "expected_cost": round(cal.expected_cost, 4), "agreement": round(cal.agreement, 4),
+                      "reason": cal.reason})
+        if cal.feasible and (best is None or cal.expected_cost < best[2].expected_cost - 1e-9):
+            best = (measure, exits, cal)
+    details["candidates"] = tried
+    if best is None:
+        why = next((t["reason"] for t in tried if t["reason"]), "")
+        return (f"no exit meets quality {quality} with confidence {1 - delta:.2f} on the calibration data "
+                f"(tried {len(trials)} measure/exit settings{': ' + why if why else ''}); the model is left unchanged")
+    measure, exits, cal = best
+    if cal.expected_cost >= 1.0 - 1e-9:
+        return (f"calibrated exits would not pay for their own evaluation: expected cost {cal.expected_cost:.3f} "
+                f"of the original ({measure} at blocks {exits}); the model is left unchanged")
+    details.update({
+        "measure": measure, "exit_layers": exits, "procedure": cal.method,
+        "guarantee": (f"with probability >= {1 - delta:.3g} over the calibration draw, mean agreement with the "
+                      f"original >= {quality} ({cal.method} at delta/{len(trials)} for each of {len(trials)} "
+                      "measure/exit candidates, Bonferroni; assumes served inputs are drawn like the calibration data)"),
+        "calibration": cal.to_dict(), "measured_agreement": cal.agreement, "exit_histogram": cal.exit_histogram,
+        "expected_cost": cal.expected_cost, "expected_speedup": round(1.0 / cal.expected_cost, 3),
+    })
+    return ExitPlan(details["kind"], exits, list(cal.thresholds), measure)
+
+
 class EarlyExit(Pass):
     name = "early_exit"
     exact = False
@@ -182,39 +218,9 @@ class EarlyExit(Pass):
         site.info.update(found)
         return None
 
-    def _choose(self, trials: list[tuple[str, list[int], torch.Tensor, torch.Tensor, list[float]]],
-                quality: float, delta: float) -> dict[str, Any] | str:
-        """Calibrate every (measure, exits) candidate at delta / #candidates (Bonferroni, so the chosen
-        one keeps the guarantee) and keep the cheapest feasible."""
-        from ..calibrate.thresholds import calibrate_thresholds
-
-        share = delta / len(trials)
-        tried, best = [], None
-        for measure, exits, conf, agree, cost in trials:
-            cal = calibrate_thresholds(conf, agree, cost, quality=quality, delta=share, seed=0)
-            tried.append({"measure": measure, "exit_layers": exits, "feasible": cal.feasible,
-                          "expected_cost": round(cal.expected_cost, 4), "agreement": round(cal.agreement, 4),
-                          "reason": cal.reason})
-            if cal.feasible and (best is None or cal.expected_cost < best[2].expected_cost - 1e-9):
-                best = (measure, exits, cal)
-        self.details["candidates"] = tried
-        if best is None:
-            why = next((t["reason"] for t in tried if t["reason"]), "")
-            return (f"no exit meets quality {quality} with confidence {1 - delta:.2f} on the calibration data "
-                    f"(tried {len(trials)} measure/exit settings{': ' + why if why else ''}); the model is left unchanged")
-        measure, exits, cal = best
-        if cal.expected_cost >= 1.0 - 1e-9:
-            return (f"calibrated exits would not pay for their own evaluation: expected cost {cal.expected_cost:.3f} "
-                    f"of the original ({measure} at blocks {exits}); the model is left unchanged")
-        self.details.update({
-            "measure": measure, "exit_layers": exits, "procedure": cal.method,
-            "guarantee": (f"with probability >= {1 - delta:.3g} over the calibration draw, mean agreement with the "
-                          f"original >= {quality} ({cal.method} at delta/{len(trials)} for each of {len(trials)} "
-                          "measure/exit candidates, Bonferroni; assumes served inputs are drawn like the calibration data)"),
-            "calibration": cal.to_dict(), "measured_agreement": cal.agreement, "exit_histogram": cal.exit_histogram,
-            "expected_cost": cal.expected_cost, "expected_speedup": round(1.0 / cal.expected_cost, 3),
-        })
-        return {"plan": ExitPlan(self.details["kind"], exits, list(cal.thresholds), measure)}
+    def _choose(self, trials, quality: float, delta: float) -> dict[str, Any] | str:
+        found = choose_exits(trials, quality, delta, self.details)
+        return found if isinstance(found, str) else {"plan": found}
 
     def _plan_encoder(self, ctx, s: Structure, batches, quality, delta) -> dict[str, Any] | str:
         from ..calibrate.distill import cosine_to_teacher, distill_heads, kl_to_teacher, least_squares_init

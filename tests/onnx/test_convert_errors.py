@@ -100,7 +100,7 @@ def test_output_equal_to_input_is_refused(good_model):
     assert hashlib.sha256(good_model.read_bytes()).hexdigest() == digest
 
 
-@pytest.mark.parametrize("passes,words", [("flash", "unknown pass"), ("early_exit", "not available for ONNX")])
+@pytest.mark.parametrize("passes,words", [("flash", "unknown pass"), ("early_exit", "needs --calibration")])
 def test_bad_pass_names(good_model, tmp_path, passes, words):
     assert_one_line_error(convert(good_model, "-o", tmp_path / "o.onnx", "--passes", passes), 2, words)
 
