@@ -83,7 +83,8 @@ def compile(
         "tuning": tuning,
         "compile_seconds": round(time.perf_counter() - start, 3),
     }
-    plan = {r.name: {p: _site_plan(ctx.working, p) for p in r.sites} for r in results if r.status == "applied"}
+    plan = {r.name: {path: p.site_plan(ctx.working.get_submodule(path)) for path in r.sites}
+            for r, p in zip(results, selected) if r.status == "applied"}
     return attach(emitted, CompiledState(report, plan, config.to_dict()))
 
 
@@ -102,11 +103,6 @@ def _structural_copy(model: nn.Module) -> nn.Module:
     """A copy of the module tree that shares every parameter and buffer with `model`."""
     memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return copy.deepcopy(model, memo)
-
-
-def _site_plan(working: nn.Module, path: str) -> dict[str, Any]:
-    plan = getattr(working.get_submodule(path), "plan", None)
-    return dict(plan) if isinstance(plan, dict) else {}
 
 
 def _tune(ctx: CompileContext) -> dict[str, Any]:

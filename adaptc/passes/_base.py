@@ -153,6 +153,14 @@ class Pass:
     def no_sites_reason(self) -> str:
         return "no sites found"
 
+    @staticmethod
+    def site_plan(module: nn.Module) -> dict[str, Any]:
+        """What adaptc.save records for an applied site (`module`: what is at the site path after the
+        pass), as JSON data; the pass's static `rebuild(module, site_plan, model)` re-applies it on load.
+        Default: the `plan` dict the replacement module carries."""
+        plan = getattr(module, "plan", None)
+        return dict(plan) if isinstance(plan, dict) else {}
+
     def verify(self, ctx: CompileContext) -> Any:
         """After apply: something with `.ok`, `.why` and `.to_dict()`. Exact passes must equal the original;
         approximate passes override this with their quality check against the user's target."""

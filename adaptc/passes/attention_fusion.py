@@ -161,7 +161,7 @@ class AttentionFusion(Pass):
             edit.set_attr(config, "_attn_implementation", IMPLEMENTATION)
 
     @staticmethod
-    def rebuild(attention: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    def rebuild(attention: nn.Module, plan: dict[str, Any], model: nn.Module) -> nn.Module:
         """For adaptc.load: switch the rebuilt model (its config, which the module shares) to adaptc."""
         register()
         attention.config._attn_implementation = IMPLEMENTATION

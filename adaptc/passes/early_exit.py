@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AdaptcError
+from ..errors import AdaptcError, SaveLoadError
 from ..runtime.early_exit import (ClassifierTail, EarlyExitEncoder, EncoderExitHead, ExitPlan, cosine01,
-                                  encoder_readout, encoder_signals, install_lm_exits, lm_token_signals,
-                                  masked_mean, supports_kv_fill)
+                                  encoder_readout, encoder_signals, install_lm_exits, lm_controller_of,
+                                  lm_token_signals, masked_mean, supports_kv_fill)
 from ..verify import Comparison
 from ._base import CompileContext, ModuleEdit, Pass, Site
 
@@ -291,7 +291,8 @@ class EarlyExit(Pass):
                 agree.append(torch.stack([(x["top1"] == want).float() for x in sig], 1))
         A = torch.cat(agree)
         C = {m: torch.cat(v) for m, v in conf.items()}
-        self.details["per_layer_agreement"] = {l: round(float(a), 4) for l, a in zip(candidates, A.mean(0))}
+        # str keys: the report is JSON and must read the same after adaptc.save / adaptc.load
+        self.details["per_layer_agreement"] = {str(l): round(float(a), 4) for l, a in zip(candidates, A.mean(0))}
         self.details.update({"calibration_tokens": int(A.shape[0]), "cost_model": "weight multiply-adds per token",
                              "exit_head": "the model's final norm + LM head (fused exit_confidence kernel)",
                              "samples": "tokens; tokens of one passage are not independent, so the guarantee "
@@ -340,6 +341,39 @@ class EarlyExit(Pass):
             edit.replace(s.stack_path, EarlyExitEncoder(encoder, plan, site.info["heads"], s.tail))
         self._kind, self._quality = s.kind, ctx.config.quality or DEFAULT_QUALITY
         self._structure = s
+
+    # -- save / load -------------------------------------------------------------------------------
+    @staticmethod
+    def site_plan(module: nn.Module) -> dict[str, Any]:
+        """The exit plan and, for encoders, the shape of the exit heads (their weights are in the
+        state_dict). The model's own modules (pooler, classifier, norm, LM head) are found again on load."""
+        if isinstance(module, EarlyExitEncoder):
+            return {**module.plan.to_dict(), "heads": len(module.exit_heads),
+                    "hidden": module.exit_heads[0].adapter.in_features}
+        return lm_controller_of(module).plan.to_dict()
+
+    @staticmethod
+    def rebuild(module: nn.Module, site_plan: dict[str, Any], model: nn.Module) -> nn.Module:
+        """For adaptc.load: the exit runtime of a saved plan on the rebuilt model. Encoder exit heads
+        start at zero here and the load_state_dict that follows fills them; LM layers are gated in place."""
+        plan = ExitPlan.from_dict(site_plan)
+        s = find_structure(model)
+        if s is None or s.kind != plan.kind or model.get_submodule(s.stack_path) is not module:
+            found = "none" if s is None else f"a {s.kind} stack at {s.stack_path!r}"
+            raise SaveLoadError(f"the plan is for the layer stack of a {plan.kind}; "
+                                f"the rebuilt {type(model).__name__} has {found}")
+        if any(l >= len(s.layers) for l in plan.exit_layers):
+            raise SaveLoadError(f"exit layers {plan.exit_layers} do not fit a stack of {len(s.layers)} blocks")
+        if s.kind == "causal_lm":
+            install_lm_exits(s.layers, plan, s.norm, s.lm_head)
+            return module
+        heads, hidden = site_plan.get("heads"), site_plan.get("hidden")
+        if heads != len(plan.exit_layers) or not isinstance(hidden, int) or hidden < 1:
+            raise SaveLoadError(f"the plan needs one exit head per exit layer ({len(plan.exit_layers)}) and a hidden "
+                                f"size, got heads={heads!r}, hidden={hidden!r}")
+        ref = next(module.parameters())
+        exit_heads = nn.ModuleList(EncoderExitHead(hidden) for _ in range(heads)).to(ref.device, ref.dtype)
+        return EarlyExitEncoder(module, plan, exit_heads, s.tail)
 
     # -- verify: quality on calibration data, not bitwise equality ---------------------------------
     def verify(self, ctx: CompileContext) -> Comparison:

@@ -150,6 +150,6 @@ class MoEFusion(Pass):
         edit.replace(site.path, FusedMoE(site.module, site.info["plan"]))
 
     @staticmethod
-    def rebuild(block: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    def rebuild(block: nn.Module, plan: dict[str, Any], model: nn.Module) -> nn.Module:
         """The fused block for a saved plan (adaptc.load)."""
         return FusedMoE(block, plan)

@@ -101,5 +101,5 @@ class SdpaFusion(Pass):
         edit.replace(site.path, SdpaIntercept(site.module))
 
     @staticmethod
-    def rebuild(module: nn.Module, plan: dict[str, Any]) -> nn.Module:
+    def rebuild(module: nn.Module, plan: dict[str, Any], model: nn.Module) -> nn.Module:
         return SdpaIntercept(module)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MEASURES = ("softmax_max", "margin", "saturation")
+KINDS = ("classifier", "embedding", "causal_lm")
 FUSED_MAX_TOKENS = 64
 
 
@@ -40,6 +41,26 @@ class ExitPlan:
         d = asdict(self)
         d["thresholds"] = [None if math.isinf(t) else float(t) for t in self.thresholds]
         return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ExitPlan":
+        """The inverse of to_dict; a saved plan is data from a file, so every field is checked."""
+        if not isinstance(d, dict):
+            raise ValueError(f"exit plan is {type(d).__name__}, not a dict")
+        missing = [k for k in ("kind", "exit_layers", "thresholds", "measure") if k not in d]
+        if missing:
+            raise ValueError(f"exit plan lacks {', '.join(missing)}")
+        kind, layers, thresholds, measure = d["kind"], d["exit_layers"], d["thresholds"], d["measure"]
+        if kind not in KINDS:
+            raise ValueError(f"exit plan kind {kind!r} is not one of {KINDS}")
+        if measure not in MEASURES:
+            raise ValueError(f"exit plan measure {measure!r} is not one of {MEASURES}")
+        if not isinstance(layers, list) or not all(isinstance(l, int) and l >= 0 for l in layers):
+            raise ValueError(f"exit plan exit_layers {layers!r} are not block indices")
+        if not isinstance(thresholds, list) or len(thresholds) != len(layers) or \
+                not all(t is None or isinstance(t, (int, float)) for t in thresholds):
+            raise ValueError(f"exit plan needs one threshold (a number, or null for never) per exit layer, got {thresholds!r}")
+        return cls(kind, list(layers), [math.inf if t is None else float(t) for t in thresholds], measure)
 
 
 @dataclass

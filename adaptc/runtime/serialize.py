@@ -118,7 +118,12 @@ def _rebuild_hf(manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> n
         if rebuild is None:
             raise SaveLoadError(f"pass {pass_name!r} cannot be re-applied on load")
         for path, site_plan in sites.items():
-            edit.replace(path, rebuild(edit.root.get_submodule(path), site_plan))
+            try:  # the plan is data from the file: a bad one is a load error, not a traceback from a pass
+                edit.replace(path, rebuild(edit.root.get_submodule(path), site_plan, edit.root))
+            except SaveLoadError as exc:
+                raise SaveLoadError(f"cannot re-apply {pass_name!r} at {path!r}: {exc}") from None
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                raise SaveLoadError(f"cannot re-apply {pass_name!r} at {path!r}: {type(exc).__name__}: {exc}") from None
     model = edit.root
     model.load_state_dict(weights, strict=True)
     return model

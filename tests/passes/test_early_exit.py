@@ -1,13 +1,16 @@
 """early_exit as a pass: it compiles classifiers, embedding models and causal LMs with calibrated exits,
 reports the guarantee and the measured figures, declines (model unchanged) when the target cannot be
-met, and refuses to run without calibration data."""
+met, refuses to run without calibration data, and survives adaptc.save / adaptc.load."""
+import json
+import zipfile
+
 import pytest
 import torch
 
 import adaptc
 from adaptc.calibrate import text
 from adaptc.errors import AdaptcError
-from adaptc.runtime.early_exit import encoder_runtime_of, lm_controller_of
+from adaptc.runtime.early_exit import encoder_runtime_of, exit_stats, lm_controller_of
 
 VOCAB = 200
 
@@ -138,6 +141,79 @@ def small_lm(arch: str):
         return LlamaForCausalLM(cfg).eval()
     return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=6, n_head=4, bos_token_id=0,
                                       eos_token_id=0)).eval()
+
+
+# -- save / load ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_classifier(tmp_path_factory):
+    from transformers import BertForSequenceClassification
+
+    fast = compile_ee(small_bert(BertForSequenceClassification, num_labels=3), bert_batches(30), quality=0.8)
+    assert the_pass(fast)["status"] == "applied"
+    path = tmp_path_factory.mktemp("ee") / "classifier.adaptc"
+    adaptc.save(fast, path)
+    return fast, path
+
+
+def test_classifier_round_trip_keeps_exits_heads_and_report(saved_classifier):
+    fast, path = saved_classifier
+    loaded = adaptc.load(path)
+    assert encoder_runtime_of(loaded) is not None
+    assert adaptc.report(loaded)["passes"] == adaptc.report(fast)["passes"]
+    batch = bert_batches(1, rows=32, seed=11)[0]  # fresh ids, a quarter of the rows padded
+    for m in (fast, loaded):
+        exit_stats(m).reset(3)
+    with torch.no_grad():
+        want, got = fast(**batch).logits, loaded(**batch).logits
+    assert torch.equal(got, want)
+    hist = exit_stats(loaded).histogram
+    assert hist == exit_stats(fast).histogram and sum(hist) == 32
+    assert sum(hist[:-1]) > 0  # rows leave through the loaded exit heads, not only the full model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_causal_lm_round_trip_gives_same_logits_and_generate(arch, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(10)]
+    fast = compile_ee(small_lm(arch), cal, quality=0.6)
+    assert the_pass(fast)["status"] == "applied"
+    adaptc.save(fast, tmp_path / "lm.adaptc")
+    loaded = adaptc.load(tmp_path / "lm.adaptc")
+    assert lm_controller_of(loaded) is not None
+    assert adaptc.report(loaded)["passes"] == adaptc.report(fast)["passes"]
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(5))
+    exits = len(the_pass(fast)["details"]["exit_layers"])
+    for m in (fast, loaded):
+        exit_stats(m).reset(exits)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, fast(ids).logits)
+    assert exit_stats(loaded).histogram == exit_stats(fast).histogram and sum(exit_stats(loaded).histogram[:-1]) > 0
+    want = fast.generate(ids[:, :5], attention_mask=torch.ones(3, 5, dtype=torch.long), max_new_tokens=6, do_sample=False)
+    got = loaded.generate(ids[:, :5], attention_mask=torch.ones(3, 5, dtype=torch.long), max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want) and got.shape == (3, 11)
+    assert exit_stats(loaded).kv_fill_tokens > 0  # decoding went through exits and their K/V propagation
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (lambda p: p.pop("thresholds"), "exit plan lacks thresholds"),
+    (lambda p: p.update(thresholds=["high", None, None]), "one threshold"),
+    (lambda p: p.update(heads=2), "one exit head per exit layer"),
+    (lambda p: p.update(kind="causal_lm"), "layer stack of a causal_lm"),
+])
+def test_corrupt_exit_plan_is_a_load_error(saved_classifier, tmp_path, corrupt, message):
+    _, path = saved_classifier
+    with zipfile.ZipFile(path) as zf:
+        files = {n: zf.read(n) for n in zf.namelist()}
+    manifest = json.loads(files["manifest.json"])
+    corrupt(manifest["plan"]["early_exit"]["bert.encoder"])
+    files["manifest.json"] = json.dumps(manifest).encode()
+    bad = tmp_path / "bad.adaptc"
+    with zipfile.ZipFile(bad, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    with pytest.raises(adaptc.SaveLoadError, match=f"cannot re-apply 'early_exit' at 'bert.encoder': .*{message}"):
+        adaptc.load(bad)
 
 
 # -- trained weights -----------------------------------------------------------------------------
