@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from ._rule import Decline, const, rank
+from ._rule import Decline, const, rank, scalar
 
 ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
 WEIGHT_OPS = {"MatMul", "Gemm"}
 CLASS_OUTPUT_MAX = 64          # a [batch, C] output with C up to this is class scores; wider is an embedding
-FIT_FRACTION, RIDGE = 0.4, 1e-3
+FIT_FRACTION, VALIDATE, RIDGES = 0.4, 4, (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 MEASURES = {"class": ("softmax_max", "margin", "saturation"), "cosine": ("saturation",)}
 DEFAULT_QUALITY, DEFAULT_DELTA = 0.99, 0.1
 BATCH = 16
@@ -50,6 +50,7 @@ class Layout:
     primary: ir.Value              # the output agreement is measured on
     agreement: str                 # class | cosine
     mask: ir.Value | None          # [batch, seq] input marking real tokens
+    readout: int | str             # what the tail reads of b_L: a token index ([CLS]) or "tokens" (all real ones)
     layer_weights: float           # weight elements per token of one layer (mean)
     tail_weights: int
 
@@ -131,8 +132,24 @@ def find_layout(model: ir.Model) -> Layout:
     primary, agreement = _primary_output(outputs, hidden)
     mask = next((v for v in graph.inputs if "mask" in (v.name or "").lower() and rank(v) == 2), None)
     layers = [_weights(seg, graph) for seg in segments[1:]]  # segments[0] also holds the embeddings
-    return Layout(boundaries, segments, tail, side, outputs, primary, agreement, mask,
+    return Layout(boundaries, segments, tail, side, outputs, primary, agreement, mask, _readout(final[2]),
                   float(np.mean(layers)) if layers else 0.0, _weights(tail, graph))
+
+
+def _readout(final: ir.Value) -> int | str:
+    """The part of the final state the heads must get right: the one token every use gathers (a [CLS]
+    pooler), else every real token (pooled outputs average them; an affine head commutes with that)."""
+    index = set()
+    for use in final.uses():
+        node = use.node
+        i = scalar(node.inputs[1]) if node.op_type == "Gather" and use.idx == 0 else None
+        if i is None or node.attributes.get_int("axis", 0) != 1:
+            index = set()
+            break
+        index.add(int(i))
+    if len(index) == 1:
+        return index.pop()
+    return "tokens"
 
 
 def _hidden_size(nodes: list[ir.Node]) -> int | None:
@@ -288,9 +305,10 @@ def insert_exits(model: ir.Model, original, rows: dict[str, np.ndarray], quality
                    "primary_output": layout.primary.name, "agreement": layout.agreement,
                    "mask_input": layout.mask.name if layout.mask is not None else None,
                    "exit_head": "affine map onto the final state (ridge regression) + a copy of the model's own tail",
+                   "head_fitted_on": f"token {layout.readout}" if isinstance(layout.readout, int) else layout.readout,
                    "batching": "a batch leaves at an exit when its least confident row does (one If condition); "
                                "the guarantee is per row, i.e. exact at batch 1"})
-    heads = fit_heads(model, layout, original, _take(rows, fit))
+    heads, report["head_ridge"] = fit_heads(model, layout, original, _take(rows, fit))
     measures = MEASURES[layout.agreement] if _width(layout.primary) != 1 else ("saturation",)
     confidence, agreement = probe(model, heads, measures, original, _take(rows, held))
     import torch
@@ -345,30 +363,48 @@ def _valid_tokens(mask: ir.Value | str | None, feed: dict[str, np.ndarray], shap
     return feed[name].astype(bool) if name in feed else np.ones(shape[:2], dtype=bool)
 
 
-def fit_heads(model: ir.Model, layout: Layout, original, rows: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per exit, (W, b) with b_k W + b ~ b_L over the rows' real tokens: ridge regression, accumulated batchwise."""
+def fit_heads(model: ir.Model, layout: Layout, original, rows: dict[str, np.ndarray],
+              ridges: tuple[float, ...] = RIDGES) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[float]]:
+    """Per exit, (W, b) with b_k W + b ~ b_L on what the tail reads (the [CLS] token or every real token):
+    ridge regression of the residual b_L - b_k, so it shrinks towards "the state is already final". The
+    ridge strength is chosen per exit on every VALIDATE-th batch, then the head is refitted on all rows."""
     clone, states = _copy(model)
     names = _expose(clone, states.boundaries)
     session = _session(clone)
     hidden = layout.boundaries[0].shape[2]
-    L = layout.num_layers
-    gram = np.zeros((L - 1, hidden + 1, hidden + 1))
-    cross = np.zeros((L - 1, hidden + 1, hidden))
-    for feed in _batches(rows):
+    E = layout.num_layers - 1
+    gram = np.zeros((2, E, hidden + 1, hidden + 1))  # [fit, validate]
+    cross = np.zeros((2, E, hidden + 1, hidden))
+    for i, feed in enumerate(_batches(rows)):
         out = session.run(names, _feed(session, feed))
-        valid = _valid_tokens(layout.mask, feed, out[0].shape)
-        target = out[-1][valid].astype(np.float64)
-        for k in range(1, L):
-            x = out[k][valid].astype(np.float64)
+        read = _reader(layout.readout, _valid_tokens(layout.mask, feed, out[0].shape))
+        part, target = int(i % VALIDATE == VALIDATE - 1), read(out[-1])
+        for e in range(E):
+            x = read(out[e + 1])
             x1 = np.concatenate([x, np.ones((len(x), 1))], 1)
-            gram[k - 1] += x1.T @ x1
-            cross[k - 1] += x1.T @ target
-    heads = []
-    for g, c in zip(gram, cross):
-        g = g + RIDGE * g.diagonal().mean() * np.eye(len(g))
-        solution = np.linalg.solve(g, c)
-        heads.append((solution[:-1], solution[-1]))
-    return heads
+            gram[part, e] += x1.T @ x1
+            cross[part, e] += x1.T @ (target - x)
+
+    def solve(g: np.ndarray, c: np.ndarray, ridge: float) -> np.ndarray:
+        return np.linalg.solve(g + ridge * g.diagonal().mean() * np.eye(len(g)), c)
+
+    heads, chosen = [], []
+    for e in range(E):
+        def validation_error(ridge: float) -> float:  # squared error on the held-out batches, up to a constant
+            w = solve(gram[0, e], cross[0, e], ridge)
+            return float(np.sum(w * (gram[1, e] @ w)) - 2 * np.sum(w * cross[1, e]))
+        ridge = min(ridges, key=validation_error) if gram[1, e, -1, -1] > 0 else ridges[len(ridges) // 2]
+        w = solve(gram[0, e] + gram[1, e], cross[0, e] + cross[1, e], ridge)
+        heads.append((np.eye(hidden) + w[:-1], w[-1]))
+        chosen.append(ridge)
+    return heads, chosen
+
+
+def _reader(readout: int | str, valid: np.ndarray):
+    """[batch, seq, hidden] -> the rows the heads are fitted on (float64)."""
+    if isinstance(readout, int):
+        return lambda h: h[:, readout].astype(np.float64)
+    return lambda h: h[valid].astype(np.float64)
 
 
 def probe(model: ir.Model, heads, measures: tuple[str, ...], original,
