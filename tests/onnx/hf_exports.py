@@ -66,9 +66,12 @@ def hf_model(arch: str, size: str = "tiny", seed: int = 0) -> torch.nn.Module:
 def export_hf(arch: str, exporter: str, out_dir: Path, size: str = "tiny", opset: int | None = None) -> Path:
     """Export once to `out_dir/<arch>-<exporter>-<size>.onnx` (reused if already there)."""
     path = Path(out_dir) / f"{arch}-{exporter}-{size}.onnx"
-    if path.exists():
-        return path
-    model = hf_model(arch, size)
+    return path if path.exists() else export_model(hf_model(arch, size), exporter, path, opset)
+
+
+def export_model(model: torch.nn.Module, exporter: str, path: Path, opset: int | None = None) -> Path:
+    """Export `OneOutput(hf_model)` (or any module taking input_ids, attention_mask) to `path`."""
+    model = model if isinstance(model, OneOutput) else OneOutput(model).eval()
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, -5:] = 0  # padding, so the exported mask path is the general one
@@ -84,7 +87,7 @@ def export_hf(arch: str, exporter: str, out_dir: Path, size: str = "tiny", opset
             torch.onnx.export(model, (ids, mask), str(path), dynamo=False, opset_version=opset or 17,
                               input_names=["input_ids", "attention_mask"], output_names=["output"],
                               dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                                            "output": {0: "batch", 1: "seq"}})
+                                            "output": {0: "batch", 1: "seq"} if model(ids, mask).dim() == 3 else {0: "batch"}})
         else:
             raise ValueError(f"unknown exporter {exporter!r}; choose from {EXPORTERS}")
     return path

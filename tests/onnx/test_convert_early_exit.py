@@ -2,8 +2,6 @@
 declined (with the reason, the exact conversion still written) where no exit can meet the target."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -13,47 +11,26 @@ import torch
 from adaptc.passes.onnx.cleanup import cleanup
 from adaptc.passes.onnx.early_exit import emit, find_layout, fit_heads
 
-from .hf_exports import EXPORTERS
+from .hf_exports import EXPORTERS, export_model
 from .test_convert_errors import assert_one_line_error, convert
 from .test_convert_models import run_convert, session
 
 VOCAB, LAYERS = 200, 4
 
 
-def export_classifier(path, exporter: str):
+def tiny_classifier():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS,
-                                                     num_attention_heads=4, intermediate_size=64, num_labels=3)).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    ids = torch.randint(1, VOCAB, (2, 12))
-    names = ["input_ids", "attention_mask"]
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            b, s = torch.export.Dim("batch", max=64), torch.export.Dim("seq", max=512)
-            torch.onnx.export(Logits(), (ids, torch.ones_like(ids)), dynamo=True, input_names=names, output_names=["logits"],
-                              dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}), verbose=False).save(str(path))
-        else:
-            torch.onnx.export(Logits(), (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=17,
-                              input_names=names, output_names=["logits"],
-                              dynamic_axes={n: {0: "batch", 1: "seq"} for n in names} | {"logits": {0: "batch"}})
-    return path
+    return BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS,
+                                                    num_attention_heads=4, intermediate_size=64, num_labels=3,
+                                                    max_position_embeddings=1024)).eval()
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
     out = tmp_path_factory.mktemp("ee-onnx")
-    return {e: export_classifier(out / f"bert-cls-{e}.onnx", e) for e in EXPORTERS}
+    return {e: export_model(tiny_classifier(), e, out / f"bert-cls-{e}.onnx") for e in EXPORTERS}
 
 
 def token_rows(n: int, seq: int, seed: int, vocab: int = VOCAB) -> dict[str, np.ndarray]:
@@ -80,7 +57,7 @@ def test_classifier_gets_calibrated_exits_that_onnxruntime_runs(classifier, tmp_
     assert result.exit_code == 0, result.output
     ee = report["early_exit"]
     assert ee["status"] == "applied", ee["reason"]
-    assert ee["kind"] == "classifier" and ee["num_layers"] == LAYERS and ee["primary_output"] == "logits"
+    assert ee["kind"] == "classifier" and ee["num_layers"] == LAYERS and ee["primary_output"] == "output"
     assert "Learn-then-Test" in ee["procedure"] and "probability >= 0.9" in ee["guarantee"]
     assert {c["measure"] for c in ee["candidates"]} == {"softmax_max", "margin", "saturation"}
     assert ee["runtime_agreement"]["batch1"] >= 0.8 and sum(ee["exit_histogram"]) == ee["calibration_rows"]
