@@ -10,6 +10,7 @@ optimizations disabled, the result as users will run it (onnxruntime defaults), 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -192,7 +193,7 @@ def _early_exit(model: ir.Model, original, rows: dict[str, np.ndarray], quality:
     they are rolled back: `tmp` keeps the model without them)."""
     from .passes.onnx.early_exit import insert_exits, runtime_agreement
 
-    ee = insert_exits(model, original, rows, quality=quality, delta=delta, seed=seed)
+    ee = insert_exits(model, original, rows, quality=quality, delta=delta, seed=seed, progress=sys.stderr.isatty())
     if ee["status"] != "applied":
         return ee
     attempt = tmp.with_name(f"{tmp.name}.exits")

@@ -288,6 +288,8 @@ def insert_exits(model: ir.Model, original, rows: dict[str, np.ndarray], quality
     """Fit, calibrate and (when some exit meets `quality`) insert exits into `model` in place.
     `original`: an onnxruntime session of the unmodified model (the teacher); `rows`: calibration
     arrays named after the inputs, one row per sample. Returns the report; "status" says what happened."""
+    import torch
+
     from ..early_exit import choose_exits, cost_fractions
 
     quality = DEFAULT_QUALITY if quality is None else float(quality)
@@ -308,11 +310,9 @@ def insert_exits(model: ir.Model, original, rows: dict[str, np.ndarray], quality
                    "head_fitted_on": f"token {layout.readout}" if isinstance(layout.readout, int) else layout.readout,
                    "batching": "a batch leaves at an exit when its least confident row does (one If condition); "
                                "the guarantee is per row, i.e. exact at batch 1"})
-    heads, report["head_ridge"] = fit_heads(model, layout, original, _take(rows, fit))
+    heads, report["head_ridge"] = fit_heads(model, layout, original, _take(rows, fit), progress=progress)
     measures = MEASURES[layout.agreement] if _width(layout.primary) != 1 else ("saturation",)
-    confidence, agreement = probe(model, heads, measures, original, _take(rows, held))
-    import torch
-
+    confidence, agreement = probe(model, heads, measures, original, _take(rows, held), progress)
     exits = list(range(L - 1))  # exit e leaves after layer e (0-based), reading boundary e + 1
     seq = next(iter(rows.values())).shape[1] if next(iter(rows.values())).ndim > 1 else 1
     hidden = layout.boundaries[0].shape[2]
@@ -332,9 +332,15 @@ def _take(rows: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]
     return {k: v[idx] for k, v in rows.items()}
 
 
-def _batches(rows: dict[str, np.ndarray], size: int = BATCH):
+def _batches(rows: dict[str, np.ndarray], size: int = BATCH, progress: str | None = None):
+    """Row batches; `progress`: a tqdm bar with that description."""
     n = len(next(iter(rows.values())))
-    for i in range(0, n, size):
+    starts = range(0, n, size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=progress, leave=False, mininterval=0.5)
+    for i in starts:
         yield {k: v[i:i + size] for k, v in rows.items()}
 
 
@@ -364,7 +370,7 @@ def _valid_tokens(mask: ir.Value | str | None, feed: dict[str, np.ndarray], shap
 
 
 def fit_heads(model: ir.Model, layout: Layout, original, rows: dict[str, np.ndarray],
-              ridges: tuple[float, ...] = RIDGES) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[float]]:
+              ridges: tuple[float, ...] = RIDGES, progress: bool = False) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[float]]:
     """Per exit, (W, b) with b_k W + b ~ b_L on what the tail reads (the [CLS] token or every real token):
     ridge regression of the residual b_L - b_k, so it shrinks towards "the state is already final". The
     ridge strength is chosen per exit on every VALIDATE-th batch, then the head is refitted on all rows."""
@@ -375,7 +381,7 @@ def fit_heads(model: ir.Model, layout: Layout, original, rows: dict[str, np.ndar
     E = layout.num_layers - 1
     gram = np.zeros((2, E, hidden + 1, hidden + 1))  # [fit, validate]
     cross = np.zeros((2, E, hidden + 1, hidden))
-    for i, feed in enumerate(_batches(rows)):
+    for i, feed in enumerate(_batches(rows, progress="fitting exit heads" if progress else None)):
         out = session.run(names, _feed(session, feed))
         read = _reader(layout.readout, _valid_tokens(layout.mask, feed, out[0].shape))
         part, target = int(i % VALIDATE == VALIDATE - 1), read(out[-1])
@@ -407,8 +413,8 @@ def _reader(readout: int | str, valid: np.ndarray):
     return lambda h: h[valid].astype(np.float64)
 
 
-def probe(model: ir.Model, heads, measures: tuple[str, ...], original,
-          rows: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def probe(model: ir.Model, heads, measures: tuple[str, ...], original, rows: dict[str, np.ndarray],
+          progress: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every exit evaluated on every row: confidence per measure [n, E] and agreement with the original [n, E]."""
     clone, layout = _copy(model)
     b = layout.boundaries
@@ -422,7 +428,7 @@ def probe(model: ir.Model, heads, measures: tuple[str, ...], original,
     conf = {m: [] for m in measures}
     agree = []
     teacher_output = layout.primary.name
-    for feed in _batches(rows):
+    for feed in _batches(rows, progress="calibrating exits" if progress else None):
         want = original.run([teacher_output], _feed(original, feed))[0]
         out = session.run(names, _feed(session, feed))
         valid = _valid_tokens(layout.mask, feed, want.shape)
