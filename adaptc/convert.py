@@ -200,8 +200,7 @@ def _early_exit(model: ir.Model, original, rows: dict[str, np.ndarray], quality:
     try:
         _save(model, attempt, dst)
         session = _session(attempt, optimize=True, what="the model with exits")
-        ee["runtime_agreement"] = {"batch1": round(runtime_agreement(original, session, rows, ee, batch=1), 5),
-                                   "batch16": round(runtime_agreement(original, session, rows, ee, batch=16), 5)}
+        ee["runtime_agreement"] = runtime_agreement(original, session, rows, ee)
         if ee["runtime_agreement"]["batch1"] < ee["quality"]:
             ee.update(status="rolled_back", reason=f"onnxruntime agreement {ee['runtime_agreement']['batch1']:.4f} "
                                                     f"< quality {ee['quality']} on the calibration rows at batch 1")

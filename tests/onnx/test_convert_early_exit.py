@@ -88,7 +88,7 @@ def test_nested_exits_leave_where_their_thresholds_say(classifier):
         model = ir.load(src)
         cleanup(model)
         layout = find_layout(model)
-        emit(model, layout, [0, 1, 2], thresholds, "softmax_max", fit_heads(model, layout, original, rows)[0])
+        emit(model, layout, [0, 1, 2], thresholds, "softmax_max", fit_heads(model, layout, rows)[0])
         outs[name] = ort_run(model, rows)
     np.testing.assert_allclose(outs["never"], want, rtol=1e-4, atol=1e-5)
     assert np.abs(outs["second"] - want).max() > 1e-5

@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import torch
 
+from ..early_exit import DEFAULT_DELTA, DEFAULT_QUALITY, choose_exits, cost_fractions  # shared with the torch pass
 from ._rule import Decline, const, rank, scalar
 
 ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
@@ -36,7 +38,6 @@ WEIGHT_OPS = {"MatMul", "Gemm"}
 CLASS_OUTPUT_MAX = 64          # a [batch, C] output with C up to this is class scores; wider is an embedding
 FIT_FRACTION, VALIDATE, RIDGES = 0.4, 4, (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 MEASURES = {"class": ("softmax_max", "margin", "saturation"), "cosine": ("saturation",)}
-DEFAULT_QUALITY, DEFAULT_DELTA = 0.99, 0.1
 BATCH = 16
 
 
@@ -65,6 +66,7 @@ def find_layout(model: ir.Model) -> Layout:
     if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for n in nodes for a in n.attributes.values()):
         raise Decline("the model already has control flow (If/Loop/Scan)")
     index = {id(n): i for i, n in enumerate(nodes)}
+    by_id = {id(n): n for n in nodes}
     hidden = _hidden_size(nodes)
     if hidden is None:
         raise Decline("no [batch, seq, hidden] states: not a layer stack adaptc can find")
@@ -101,7 +103,7 @@ def find_layout(model: ir.Model) -> Layout:
     points = sorted(last_of_count.values(), key=lambda c: c[1])
     boundaries, anc_of = [], {}
     for prev, cur in zip(points, points[1:]):
-        if any(nodes[i].op_type in ATTENTION_OPS for i in _ordered(cur[3] - prev[3], index)):
+        if any(by_id[i].op_type in ATTENTION_OPS for i in cur[3] - prev[3]):
             boundaries.append(prev[2])
         anc_of[id(prev[2])], anc_of[id(cur[2])] = prev[3], cur[3]
     if len(boundaries) < 2:
@@ -288,10 +290,6 @@ def insert_exits(model: ir.Model, original, rows: dict[str, np.ndarray], quality
     """Fit, calibrate and (when some exit meets `quality`) insert exits into `model` in place.
     `original`: an onnxruntime session of the unmodified model (the teacher); `rows`: calibration
     arrays named after the inputs, one row per sample. Returns the report; "status" says what happened."""
-    import torch
-
-    from ..early_exit import choose_exits, cost_fractions
-
     quality = DEFAULT_QUALITY if quality is None else float(quality)
     report: dict[str, Any] = {"name": "early_exit", "quality": quality, "delta": delta}
     try:
@@ -310,7 +308,7 @@ def insert_exits(model: ir.Model, original, rows: dict[str, np.ndarray], quality
                    "head_fitted_on": f"token {layout.readout}" if isinstance(layout.readout, int) else layout.readout,
                    "batching": "a batch leaves at an exit when its least confident row does (one If condition); "
                                "the guarantee is per row, i.e. exact at batch 1"})
-    heads, report["head_ridge"] = fit_heads(model, layout, original, _take(rows, fit), progress=progress)
+    heads, report["head_ridge"] = fit_heads(model, layout, _take(rows, fit), progress=progress)
     measures = MEASURES[layout.agreement] if _width(layout.primary) != 1 else ("saturation",)
     confidence, agreement = probe(model, heads, measures, original, _take(rows, held), progress)
     exits = list(range(L - 1))  # exit e leaves after layer e (0-based), reading boundary e + 1
@@ -369,7 +367,7 @@ def _valid_tokens(mask: ir.Value | str | None, feed: dict[str, np.ndarray], shap
     return feed[name].astype(bool) if name in feed else np.ones(shape[:2], dtype=bool)
 
 
-def fit_heads(model: ir.Model, layout: Layout, original, rows: dict[str, np.ndarray],
+def fit_heads(model: ir.Model, layout: Layout, rows: dict[str, np.ndarray],
               ridges: tuple[float, ...] = RIDGES, progress: bool = False) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[float]]:
     """Per exit, (W, b) with b_k W + b ~ b_L on what the tail reads (the [CLS] token or every real token):
     ridge regression of the residual b_L - b_k, so it shrinks towards "the state is already final". The
@@ -439,15 +437,17 @@ def probe(model: ir.Model, heads, measures: tuple[str, ...], original, rows: dic
 
 
 def runtime_agreement(original, converted, rows: dict[str, np.ndarray], report: dict[str, Any],
-                      batch: int = 1) -> float:
-    """Mean agreement of the converted model (exits taken as onnxruntime takes them) with the original."""
-    name, scores = report["primary_output"], []
-    for feed in _batches(rows, batch):
-        want = original.run([name], _feed(original, feed))[0]
-        got = converted.run([name], _feed(converted, feed))[0]
-        valid = _valid_tokens(report.get("mask_input"), feed, want.shape)
-        scores.append(_agreement(report["agreement"], got, want, valid))
-    return float(np.concatenate(scores).mean())
+                      batches: tuple[int, ...] = (1, BATCH)) -> dict[str, float]:
+    """Mean agreement of the converted model (exits taken as onnxruntime takes them) with the original,
+    per batch size ({"batch1": ...}); the original runs once."""
+    name = report["primary_output"]
+    want = np.concatenate([original.run([name], _feed(original, feed))[0] for feed in _batches(rows)])
+    valid = _valid_tokens(report.get("mask_input"), rows, want.shape)
+    result = {}
+    for batch in batches:
+        got = np.concatenate([converted.run([name], _feed(converted, feed))[0] for feed in _batches(rows, batch)])
+        result[f"batch{batch}"] = round(float(_agreement(report["agreement"], got, want, valid).mean()), 5)
+    return result
 
 
 def _agreement(kind: str, got: np.ndarray, want: np.ndarray, valid: np.ndarray) -> np.ndarray:
