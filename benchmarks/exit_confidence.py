@@ -16,7 +16,6 @@ Results: benchmarks/results/exit_confidence-<device>.json/.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -31,12 +30,11 @@ from adaptc.kernels import KERNELS
 from adaptc.kernels.exit_confidence import space, torch_exit_confidence
 from adaptc.kernels.exit_confidence.op import exit_confidence
 from adaptc.tuner.session import tune_calls
-from adaptc.tuner.timing import median_seconds
+from adaptc.tuner.timing import interleaved_ms
 from adaptc.tuner.tune import Budget
 from _results import device_name, write_results
 
 V, D = 49152, 576  # SmolLM2-135M's vocabulary and width
-ROUNDS = 5
 
 
 def plain_confidence(h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,14 +62,7 @@ def bench(N: int, device: str, dtype: torch.dtype, seconds: float, tune_trials: 
     for name, fn in variants.items():
         if name != "matmul only" and (name != "torch" or dtype == torch.float32):
             row["ok"][name] = kernel.matches(fn(), want, tol)
-    # Interleaved rounds, median of the rounds' medians: load that other processes put on a shared
-    # machine then falls on every variant alike instead of on whichever ran during it.
-    rounds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(ROUNDS):
-        for name, fn in variants.items():
-            rounds[name].append(median_seconds(fn, device, seconds=seconds / ROUNDS, min_runs=3) * 1e3)
-    row["ms"] = {name: statistics.median(t) for name, t in rounds.items()}
-    row["ms_rounds"] = rounds
+    row["ms"], row["ms_rounds"] = interleaved_ms(variants, device, seconds=seconds)
     ms = row["ms"]
     best = min(ms["adaptc default"], ms["adaptc tuned"])
     row["speedup_vs_torch"] = ms["torch"] / best

@@ -9,7 +9,8 @@ Blocks (random weights, real Hugging Face modules):
 Baselines, all in this run: HF eager, batched_mm and grouped_mm (grouped_mm is the transformers
 default), `torch.compile` of the default block, and `adaptc.compile` of the eager block with its
 kernel tuned at each token count (as `adaptc tune` would do ahead of deployment). Every
-variant's output is checked against eager before it is timed. batched_mm copies each token's expert
+variant's output is checked against eager before it is timed; variants are timed in interleaved
+rounds (median of the rounds), so a burst of load on the shared machine hits all of them. batched_mm copies each token's expert
 weights; where those would take over 1/16 of memory it is skipped and says so.
 
 Also times `adaptc.compile` with exact passes on SmolLM2-135M (30 layers, trained weights).
@@ -29,7 +30,7 @@ import torch
 
 import adaptc
 from adaptc.tuner.session import tune_calls
-from adaptc.tuner.timing import median_seconds
+from adaptc.tuner.timing import interleaved_ms
 from adaptc.tuner.tune import Budget
 from _models import smollm2
 from _results import device_name, write_results
@@ -107,13 +108,15 @@ def bench_block(name: str, tokens: list[int], device: str, dtype: torch.dtype, s
             want = blocks["eager"](x).float()
             row = {"block": name, "tokens": T, "ms": {}, "max_rel_err": {}, "skipped": {},
                    "adaptc_config": tuned[0]["config"] if tuned else None}
+            timed = {}
             for label, fn in variants.items():
                 if label == "hf_batched_mm" and batched_mm_bytes(blocks["eager"], T) > total_memory(device) // 16:
                     row["skipped"][label] = "its per-token weight copies would take over 1/16 of memory"
                     continue
                 got = fn(x).float()
                 row["max_rel_err"][label] = ((got - want).abs().max() / want.abs().max()).item()
-                row["ms"][label] = median_seconds(lambda: fn(x), device, seconds=seconds) * 1e3
+                timed[label] = lambda fn=fn: fn(x)
+            row["ms"], row["ms_rounds"] = interleaved_ms(timed, device, seconds=seconds * len(timed))
         ms = row["ms"]
         best_hf = min(v for k, v in ms.items() if k.startswith("hf_"))
         row["speedup_vs_eager"] = ms["hf_eager"] / ms["adaptc"]

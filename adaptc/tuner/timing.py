@@ -27,3 +27,17 @@ def median_seconds(fn: Callable[[], Any], device_type: str = "cpu", *, seconds: 
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_ms(fns: dict[str, Callable[[], Any]], device_type: str = "cpu", *, seconds: float = 1.0,
+                   rounds: int = 5) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median ms per variant over `rounds` interleaved rounds, and each round's figure.
+
+    Comparing variants: load that other processes put on a shared machine then falls on every
+    variant alike instead of on whichever ran during it.
+    """
+    per_round: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per_round[name].append(median_seconds(fn, device_type, seconds=seconds / rounds, min_runs=3) * 1e3)
+    return {name: statistics.median(t) for name, t in per_round.items()}, per_round

@@ -77,13 +77,19 @@ def record_key(kernel: str, impl: str, args: tuple) -> RecordKey:
 
 
 def live_measure(kernel: str, impl: str, args: tuple, budget: Budget) -> Measure:
-    """Run a config, check it against the reference, and time it on the arguments' device."""
+    """Run a config, check it against the reference, and time it on the arguments' device.
+
+    Without autograd: the arguments a trace caught are often the model's Parameters, and a kernel's
+    in-place ops on views of them build graphs that hold every intermediate (240 MB a call at 2048
+    tokens of a Mixtral block, until the OOM killer came)."""
     k = KERNELS[kernel]
     fn = k.implementations[impl].fn
-    want = k.reference(*args)
+    with torch.no_grad():
+        want = k.reference(*args)
     tol = k.tolerance(args[0].dtype)
     device = args[0].device.type
 
+    @torch.no_grad()
     def measure(config: dict[str, Any]) -> Trial:
         try:
             got = fn(*args, config=config)

@@ -92,6 +92,7 @@ def config_features(impl: str, p: dict[str, Any], cfg: dict[str, Any], units: in
     pad = int(cfg.get("row_pad", 1))
     return {"gemm_calls": 2.0 * active if cfg.get("algorithm") == "loop" else 2.0,
             "row_padding": math.ceil(rows / pad) * pad / rows, "rows_per_gemm": rows,
+            "weight_blocks": float(cfg.get("split", 1)) if cfg.get("layout") == "wx" else 1.0,
             "cores_per_gemm_row": units / rows}
 
 
@@ -173,19 +174,24 @@ CPU_SPACE: dict[str, list[Any]] = {
     # Round each expert's row count up to a multiple of this (extra rows are computed and dropped):
     # MKL's small-n GEMM paths are uneven (8 rows measured 1.4x slower than 16 on 2 cores).
     "row_pad": [1, 8, 16],
+    # Layout "wx" only: cut each weight into this many row blocks, run as one batched GEMM (see cpu.py:
+    # a GEMV on a few rows otherwise uses one core).
+    "split": [1, 2, 8],
 }
 
 
 def cpu_default_config(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, gated: bool) -> dict[str, Any]:
     # pair_sum: 1.0-1.4x index_add measured on 2 cores.
-    return {"algorithm": "loop", "layout": "wx", "combine": "pair_sum", "row_pad": 1}
+    # split 8: 1.6x a plain GEMV at one row per expert on 2 cores; at 16+ rows MKL's GEMM spreads well alone.
+    split = 8 if T * K <= 2 * min(E, T * K) else 1
+    return {"algorithm": "loop", "layout": "wx", "combine": "pair_sum", "row_pad": 1, "split": split}
 
 
 def cpu_config_fits(cfg: dict[str, Any], grouped_mm_available: bool = True) -> bool:
     """grouped_mm ignores the loop's knobs: keep one config of it, and only where torch has it."""
     if cfg["algorithm"] == "grouped_mm":
-        return grouped_mm_available and (cfg["layout"], cfg["combine"], cfg["row_pad"]) == ("wx", "pair_sum", 1)
-    return True
+        return grouped_mm_available and (cfg["layout"], cfg["combine"], cfg["row_pad"], cfg["split"]) == ("wx", "pair_sum", 1, 1)
+    return cfg["layout"] == "wx" or cfg["split"] == 1
 
 
 def cpu_configs() -> Iterator[dict[str, Any]]:
