@@ -91,6 +91,52 @@ def least_squares_init(adapters: list[nn.Linear], features: list[torch.Tensor], 
         adapter.bias.copy_(sol[-1].to(adapter.bias.dtype))
 
 
+L2_GRID = (0.1, 1.0, 10.0, 100.0)  # penalty on standardised weights, relative to the row count
+
+
+def fit_agreement_predictor(linear: nn.Linear, features: torch.Tensor, agree: torch.Tensor, *, seed: int = 0) -> float:
+    """Logistic regression of `agree` (0/1 per row) on `features` ([n, F]) into `linear` (F -> 1): CALM's
+    early-exit classifier. The L2 strength is chosen on a fifth of the rows held out, then the fit is
+    redone on all of them; features are standardised for the fit and the scaling folded back in.
+    Returns the chosen strength."""
+    x, y = features.detach().float(), agree.detach().float()
+    mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mu) / sd
+    if float(y.min()) == float(y.max()):  # one class only: a constant predictor
+        w, b, l2 = torch.zeros(x.shape[1]), torch.logit(y.mean().clamp(0.01, 0.99)).reshape(1), 0.0
+    else:
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        held, train = perm[: len(y) // 5], perm[len(y) // 5:]
+
+        def held_loss(l2: float) -> float:
+            w, b = _logistic(z[train], y[train], l2)
+            return float(F.binary_cross_entropy_with_logits(z[held] @ w + b, y[held]))
+
+        l2 = min(L2_GRID, key=held_loss) if len(held) >= 10 else L2_GRID[-1]
+        w, b = _logistic(z, y, l2)
+    with torch.no_grad():
+        scaled = w / sd
+        linear.weight.copy_(scaled[None].to(linear.weight.dtype))
+        linear.bias.copy_((b - (scaled * mu).sum()).to(linear.bias.dtype))
+    return l2
+
+
+def _logistic(z: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    w = torch.zeros(z.shape[1], requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w * w).sum() / len(y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 

@@ -3,8 +3,10 @@
 Encoders / classifiers (BERT-like): an exit after every block but the last, each with a small affine
 head distilled from the frozen model (classifier: its pooler + classifier read the head's [CLS];
 embedding model: the head maps the mean-pooled state onto the final embedding). Causal LMs
-(Llama / GPT-2-like): the model's own final norm + LM head at exits spaced by the cost model.
-The confidence measure (softmax max, top-1/top-2 margin, state saturation) is picked per model by
+(Llama / GPT-2-like): the model's own final norm + LM head at exits spaced by the cost model, each
+exit's state first moved by a residual affine adapter fitted (ridge regression) onto the last
+block's state. The confidence measure (softmax max, top-1/top-2 margin, state saturation, or for
+LMs a learned linear predictor of agreement, which needs no LM head at the exit) is picked per model by
 calibration; thresholds come from Learn-then-Test (adaptc.calibrate.thresholds) on calibration rows
 the heads were not trained on. When nothing meets `quality`, the pass declines and says why.
 """
@@ -18,16 +20,17 @@ import torch
 from torch import nn
 
 from ..errors import AdaptcError, SaveLoadError
-from ..runtime.early_exit import (ClassifierTail, EarlyExitEncoder, EncoderExitHead, ExitPlan, cosine01,
-                                  encoder_readout, encoder_signals, install_lm_exits, lm_controller_of,
-                                  lm_token_signals, masked_mean, supports_kv_fill)
+from ..runtime.early_exit import (ClassifierTail, EarlyExitEncoder, ExitAdapter, ExitPlan, LMExitHeads, cosine01,
+                                  encoder_readout, encoder_signals, install_lm_exits, kv_weights, lm_controller_of,
+                                  lm_token_signals, masked_mean, predictor_features, supports_kv_fill)
 from ..verify import Comparison
 from ._base import CompileContext, ModuleEdit, Pass, Site
 
 ENCODER_MEASURES = {"classifier": ("softmax_max", "margin", "saturation"), "embedding": ("saturation",)}
-LM_MEASURES = ("softmax_max", "margin", "saturation")
+LM_MEASURES = ("softmax_max", "margin", "saturation", "learned")
 LM_SPACINGS = (1, 2, 3, 4, 6, 8)
 LM_DRIFT_ROUNDS = 3
+RAW_SAMPLE = 512
 DEFAULT_QUALITY, DEFAULT_DELTA = 0.99, 0.1
 
 
@@ -135,13 +138,17 @@ def _weights(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
 
 
-def cost_fractions(exit_layers: list[int], layer_cost: float, exit_cost: float, num_layers: int) -> list[float]:
-    """Cost of leaving at each exit (blocks run + exits evaluated), then of running every block (every
-    exit evaluated, none taken), as fractions of the original model: the last entry is above 1, so exits
-    that do not pay for their own evaluation show up as a loss and the pass declines them."""
-    full = num_layers * layer_cost
-    return [((l + 1) * layer_cost + (e + 1) * exit_cost) / full for e, l in enumerate(exit_layers)] + \
-        [(num_layers * layer_cost + len(exit_layers) * exit_cost) / full]
+def cost_fractions(exit_layers: list[int], layer_cost: float, exit_cost: float, num_layers: int, *,
+                   shared_cost: float = 0.0, skipped_cost: float = 0.0, leave_cost: float = 0.0) -> list[float]:
+    """Cost of leaving at each exit, then of running every block (every exit evaluated, none taken),
+    as fractions of the original model: the last entry is above 1, so exits that do not pay for their
+    own evaluation show up as a loss and the pass declines them. Leaving after block l costs its l+1
+    blocks, the exits evaluated so far, `skipped_cost` per block skipped (an LM's K/V propagation) and
+    `leave_cost` once (an adapter); `shared_cost` every path pays (an LM's final head)."""
+    full = num_layers * layer_cost + shared_cost
+    leave = [(l + 1) * layer_cost + (e + 1) * exit_cost + (num_layers - l - 1) * skipped_cost + leave_cost + shared_cost
+             for e, l in enumerate(exit_layers)]
+    return [c / full for c in leave] + [(full + len(exit_layers) * exit_cost) / full]
 
 
 def choose_exits(trials: list[tuple[str, list[int], torch.Tensor, torch.Tensor, list[float]]],
@@ -241,7 +248,7 @@ class EarlyExit(Pass):
         train, held = perm[:n_train], perm[n_train:]
         exits = list(range(L - 1))
         hidden = R.shape[-1]
-        heads = nn.ModuleList(EncoderExitHead(hidden) for _ in exits).to(R.device, R.dtype)
+        heads = nn.ModuleList(ExitAdapter(hidden) for _ in exits).to(R.device, R.dtype)
         tail = s.tail
         if s.kind == "classifier":
             student, loss = (lambda head, x: tail(head(x))), kl_to_teacher
@@ -272,40 +279,100 @@ class EarlyExit(Pass):
             chosen["heads"] = heads
         return chosen
 
+    @torch.no_grad()
+    def _lm_states(self, ctx, s: Structure, batches, candidates: list[int], fit_fraction: float) -> tuple[dict, dict]:
+        """Real tokens' states from the block entering the first candidate exit to the last block
+        ([len(candidates) + 2, n, D]) and the full model's next tokens, split by passage into a part
+        that fits the exit heads and a part that calibrates the thresholds."""
+        rows = sum(b["input_ids"].shape[0] for b in batches)
+        if rows < 2:
+            raise AdaptcError("early exit on a causal LM needs at least 2 calibration passages: one to fit the exit "
+                              "heads on, one to calibrate the thresholds on")
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(ctx.config.seed))
+        to_fit = torch.zeros(rows, dtype=torch.bool)
+        to_fit[order[:min(rows - 1, max(1, round(rows * fit_fraction)))]] = True
+        parts = {True: {"states": [], "want": []}, False: {"states": [], "want": []}}
+        start = 0
+        for b in batches:
+            out, states = layer_states(ctx.original, self._original_layers, b)
+            valid = _valid(b)
+            stack = torch.stack(states[candidates[0]:])  # [len(candidates) + 2, B, S, D]
+            for r in range(valid.shape[0]):
+                part = parts[bool(to_fit[start + r])]
+                part["states"].append(stack[:, r][:, valid[r]])
+                part["want"].append(out.logits[r][valid[r]].argmax(-1))
+            start += valid.shape[0]
+        fit, cal = ({"states": torch.cat(p["states"], 1), "want": torch.cat(p["want"])} for p in (parts[True], parts[False]))
+        return fit, cal
+
+    def _heads_for(self, plan: ExitPlan) -> LMExitHeads:
+        """The fitted heads of the plan's exits (predictors only where the plan's measure reads them)."""
+        heads = LMExitHeads(self._lm_heads.adapters[0].adapter.in_features, len(plan.exit_layers), plan.measure == "learned")
+        for e, layer in enumerate(plan.exit_layers):
+            c = self._lm_candidates.index(layer)
+            heads.adapters[e].load_state_dict(self._lm_heads.adapters[c].state_dict())
+            if heads.predictors is not None:
+                heads.predictors[e].load_state_dict(self._lm_heads.predictors[c].state_dict())
+        ref = self._lm_heads.adapters[0].adapter.weight
+        return heads.to(ref.device, ref.dtype)
+
     def _plan_lm(self, ctx, s: Structure, batches, quality, delta) -> dict[str, Any] | str:
+        from ..calibrate.distill import fit_agreement_predictor, least_squares_init
+
         L = len(s.layers)
-        first = int(ctx.config.options.get("first_exit", L // 2))  # earlier blocks rarely agree with the last
+        opts = ctx.config.options
+        first = int(opts.get("first_exit", L // 2))  # earlier blocks rarely agree with the last
         candidates = list(range(first, L - 1))
         if not candidates:
             return "too few blocks to place an exit"
-        conf = {m: [] for m in LM_MEASURES}
-        agree = []
+        # Passages, not tokens, are split between fitting (adapters, predictors) and calibrating the
+        # thresholds: tokens of one passage are alike, and the guarantee needs unseen data.
+        fit, cal = self._lm_states(ctx, s, batches, candidates, float(opts.get("distill_fraction", 0.4)))
+        D = fit["states"].shape[-1]
+        ref = s.lm_head.weight
+        heads = LMExitHeads(D, len(candidates), predictors=True).to(ref.device, ref.dtype)
         with torch.no_grad():
-            for b in batches:
-                out, states = layer_states(ctx.original, self._original_layers, b)
-                valid = _valid(b)
-                want = out.logits[valid].argmax(-1)
-                sig = [lm_token_signals(s.norm, s.lm_head, states[l][valid], states[l + 1][valid]) for l in candidates]
-                for m in LM_MEASURES:
-                    conf[m].append(torch.stack([x[m] for x in sig], 1))
-                agree.append(torch.stack([(x["top1"] == want).float() for x in sig], 1))
-        A = torch.cat(agree)
-        C = {m: torch.cat(v) for m, v in conf.items()}
+            least_squares_init([heads.adapters[c].adapter for c in range(len(candidates))],
+                               [fit["states"][c + 1] for c in range(len(candidates))], fit["states"][-1],
+                               ridge=float(opts.get("adapter_ridge", 1e-2)))
+            for part in (fit, cal):
+                part["signals"] = [lm_token_signals(s.norm, s.lm_head, part["states"][c], heads.adapters[c](part["states"][c + 1]))
+                                   for c in range(len(candidates))]
+                part["agree"] = torch.stack([(x["top1"] == part["want"]).float() for x in part["signals"]], 1)
+            # For the report: what the adapters bought (on a sample: it costs an LM head per exit).
+            few = slice(0, RAW_SAMPLE)
+            raw = torch.stack([(lm_token_signals(s.norm, s.lm_head, cal["states"][c, few], cal["states"][c + 1, few])["top1"]
+                                == cal["want"][few]).float().mean() for c in range(len(candidates))])
+        for c in range(len(candidates)):
+            feats = [predictor_features(s.norm, part["states"][c], part["states"][c + 1]) for part in (fit, cal)]
+            fit_agreement_predictor(heads.predictors[c], feats[0], fit["agree"][:, c])
+            with torch.no_grad():
+                cal["signals"][c]["learned"] = torch.sigmoid(heads.predictors[c](feats[1]).squeeze(-1))
+        A = cal["agree"]
+        C = {m: torch.stack([x[m] for x in cal["signals"]], 1) for m in LM_MEASURES}
         # str keys: the report is JSON and must read the same after adaptc.save / adaptc.load
         self.details["per_layer_agreement"] = {str(l): round(float(a), 4) for l, a in zip(candidates, A.mean(0))}
-        self.details.update({"calibration_tokens": int(A.shape[0]), "cost_model": "weight multiply-adds per token",
-                             "exit_head": "the model's final norm + LM head (fused exit_confidence kernel)",
+        self.details[f"per_layer_agreement_without_adapter_first_{RAW_SAMPLE}_tokens"] = {str(l): round(float(a), 4) for l, a in zip(candidates, raw)}
+        self.details.update({"calibration_tokens": int(A.shape[0]), "fit_tokens": int(fit["want"].numel()),
+                             "cost_model": "weight multiply-adds per decoded token (K/V propagation and the final "
+                                           "LM head included)",
+                             "exit_head": "a residual affine adapter (ridge fit onto the last block's state), then the "
+                                          "model's final norm + LM head; learned: a linear agreement predictor",
                              "samples": "tokens; tokens of one passage are not independent, so the guarantee "
                                         "treats them as i.i.d. (an approximation)"})
-        layer_cost, exit_cost = _weights(s.layers[0]), s.lm_head.weight.numel()
+        layer_cost, head_cost = _weights(s.layers[0]), s.lm_head.weight.numel()
+        exit_cost = {"softmax_max": head_cost + D * D, "margin": head_cost + D * D, "saturation": D, "learned": D + 1}
         trials = []
         for spacing in LM_SPACINGS:
             exits = sorted(l for l in range(L - 1 - spacing, first - 1, -spacing))
             if not exits:
                 continue
             cols = [candidates.index(l) for l in exits]
-            cost = cost_fractions(exits, layer_cost, exit_cost, L)
-            trials += [(m, exits, C[m][:, cols], A[:, cols], cost) for m in LM_MEASURES]
+            for m in LM_MEASURES:
+                cost = cost_fractions(exits, layer_cost, exit_cost[m], L, shared_cost=head_cost,
+                                      skipped_cost=kv_weights(s.layers[0]), leave_cost=D * D)
+                trials.append((m, exits, C[m][:, cols], A[:, cols], cost))
+        self._lm_heads, self._lm_candidates = heads, candidates
         # The thresholds are fitted on the full model's states, but at run time later tokens attend to
         # exited tokens' propagated K/V. Measure that drift with the real runtime and, where it costs
         # agreement, refit against a target raised by the shortfall (each round pays its delta share).
@@ -314,8 +381,9 @@ class EarlyExit(Pass):
             chosen = self._choose(trials, target, delta / LM_DRIFT_ROUNDS)
             if isinstance(chosen, str):
                 break
+            chosen["heads"] = self._heads_for(chosen["plan"])
             edit = ModuleEdit(ctx.working)
-            install_lm_exits(s.layers, chosen["plan"], s.norm, s.lm_head, set_attr=edit.set_attr)
+            install_lm_exits(ctx.working, s.layers, chosen["plan"], s.norm, s.lm_head, chosen["heads"], set_attr=edit.set_attr)
             try:
                 measured = runtime_agreement(ctx.original, ctx.working, "causal_lm", batches)
             finally:
@@ -335,7 +403,7 @@ class EarlyExit(Pass):
         s: Structure = site.info["structure"]
         plan: ExitPlan = site.info["plan"]
         if s.kind == "causal_lm":
-            install_lm_exits(s.layers, plan, s.norm, s.lm_head, set_attr=edit.set_attr)
+            install_lm_exits(ctx.working, s.layers, plan, s.norm, s.lm_head, site.info["heads"], set_attr=edit.set_attr)
         else:
             encoder = ctx.working.get_submodule(s.stack_path)
             edit.replace(s.stack_path, EarlyExitEncoder(encoder, plan, site.info["heads"], s.tail))
@@ -345,17 +413,19 @@ class EarlyExit(Pass):
     # -- save / load -------------------------------------------------------------------------------
     @staticmethod
     def site_plan(module: nn.Module) -> dict[str, Any]:
-        """The exit plan and, for encoders, the shape of the exit heads (their weights are in the
-        state_dict). The model's own modules (pooler, classifier, norm, LM head) are found again on load."""
+        """The exit plan and the shape of the exit heads (their weights are in the state_dict). The
+        model's own modules (pooler, classifier, norm, LM head) are found again on load."""
         if isinstance(module, EarlyExitEncoder):
-            return {**module.plan.to_dict(), "heads": len(module.exit_heads),
-                    "hidden": module.exit_heads[0].adapter.in_features}
-        return lm_controller_of(module).plan.to_dict()
+            plan, adapters = module.plan, module.exit_heads
+        else:
+            controller = lm_controller_of(module)
+            plan, adapters = controller.plan, controller.heads.adapters
+        return {**plan.to_dict(), "heads": len(adapters), "hidden": adapters[0].adapter.in_features}
 
     @staticmethod
     def rebuild(module: nn.Module, site_plan: dict[str, Any], model: nn.Module) -> nn.Module:
-        """For adaptc.load: the exit runtime of a saved plan on the rebuilt model. Encoder exit heads
-        start at zero here and the load_state_dict that follows fills them; LM layers are gated in place."""
+        """For adaptc.load: the exit runtime of a saved plan on the rebuilt model. Exit heads start at
+        zero here and the load_state_dict that follows fills them; LM layers are gated in place."""
         plan = ExitPlan.from_dict(site_plan)
         s = find_structure(model)
         if s is None or s.kind != plan.kind or model.get_submodule(s.stack_path) is not module:
@@ -364,15 +434,16 @@ class EarlyExit(Pass):
                                 f"the rebuilt {type(model).__name__} has {found}")
         if any(l >= len(s.layers) for l in plan.exit_layers):
             raise SaveLoadError(f"exit layers {plan.exit_layers} do not fit a stack of {len(s.layers)} blocks")
-        if s.kind == "causal_lm":
-            install_lm_exits(s.layers, plan, s.norm, s.lm_head)
-            return module
         heads, hidden = site_plan.get("heads"), site_plan.get("hidden")
         if heads != len(plan.exit_layers) or not isinstance(hidden, int) or hidden < 1:
             raise SaveLoadError(f"the plan needs one exit head per exit layer ({len(plan.exit_layers)}) and a hidden "
                                 f"size, got heads={heads!r}, hidden={hidden!r}")
         ref = next(module.parameters())
-        exit_heads = nn.ModuleList(EncoderExitHead(hidden) for _ in range(heads)).to(ref.device, ref.dtype)
+        if s.kind == "causal_lm":
+            lm_heads = LMExitHeads(hidden, heads, plan.measure == "learned").to(ref.device, ref.dtype)
+            install_lm_exits(model, s.layers, plan, s.norm, s.lm_head, lm_heads)
+            return module
+        exit_heads = nn.ModuleList(ExitAdapter(hidden) for _ in range(heads)).to(ref.device, ref.dtype)
         return EarlyExitEncoder(module, plan, exit_heads, s.tail)
 
     # -- verify: quality on calibration data, not bitwise equality ---------------------------------

@@ -6,8 +6,10 @@ are written to the output (through their exit head) and compacted out of the bat
 A batch is never held to its slowest row, and a row's result never depends on its neighbours.
 
 Causal LMs (`install_lm_exits` gates the decoder layers in place): a token that exits keeps its hidden
-state frozen through the remaining layers, so the model's own final norm and LM head read it - that
-is the exit head. The layers it skips still need its keys/values for later tokens: as in CALM
+state frozen through the remaining layers; after the last one its exit's adapter (a residual affine map
+onto the last block's state, a "tuned lens") moves it, and the model's own final norm and LM head read
+it - that is the exit head. The "learned" measure asks a linear predictor per exit whether the exit
+agrees with the full model, so no exit evaluates the LM head at all. The layers it skips still need its keys/values for later tokens: as in CALM
 (Schuster et al., 2022), they are projected from the frozen state. With a KV cache and one new token
 a row (decoding), exited rows only pay that K/V projection and the active rows run the layer alone;
 otherwise (prefill, no cache) the layer runs on every token and exited tokens get their frozen state
@@ -25,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MEASURES = ("softmax_max", "margin", "saturation")
+MEASURES = ("softmax_max", "margin", "saturation", "learned")
 KINDS = ("classifier", "embedding", "causal_lm")
 FUSED_MAX_TOKENS = 64
+LM_HEADS_ATTR = "adaptc_exit_heads"
 
 
 @dataclass
@@ -105,7 +108,7 @@ class ClassifierTail(nn.Module):
         return self.classifier(pooled)
 
 
-class EncoderExitHead(nn.Module):
+class ExitAdapter(nn.Module):
     """Maps a block's output to an estimate of the last block's output: h + W h + b (W, b start at 0,
     so an untrained head is the raw state). Affine, so mean pooling commutes with it and the head can
     be trained and evaluated on the pooled vector alone."""
@@ -125,7 +128,7 @@ def encoder_readout(kind: str, h: torch.Tensor, valid: torch.Tensor) -> torch.Te
     return h[:, 0] if kind == "classifier" else masked_mean(h, valid)
 
 
-def encoder_signals(kind: str, head: EncoderExitHead, tail: Callable | None, r_in: torch.Tensor,
+def encoder_signals(kind: str, head: ExitAdapter, tail: Callable | None, r_in: torch.Tensor,
                     r_out: torch.Tensor) -> dict[str, torch.Tensor]:
     """Confidence signals at one exit from the readout vectors entering and leaving its block; the
     pass calibrates on exactly these, so the runtime and the calibration cannot disagree."""
@@ -217,16 +220,36 @@ class EarlyExitEncoder(nn.Module):
 # -- causal LMs -------------------------------------------------------------------------------------
 
 def lm_token_signals(norm: nn.Module, lm_head: nn.Linear, h_in: torch.Tensor, h_out: torch.Tensor) -> dict[str, torch.Tensor]:
-    """[N, D] states entering/leaving an exit block -> per-token signals. The LM-head confidence comes
-    from the fused kernel (no [N, V] logits) for decode-sized N, where it wins; at prefill / calibration
-    sizes one big matmul amortizes the logits and the kernel's plain-torch reference is faster on CPU
-    (measured: N=32 0.05 s vs 0.08 s, N=128 0.61 s vs 0.34 s at V=49152, D=576). Same quantities."""
+    """[N, D] states entering/leaving an exit block (h_out already through the exit's adapter) ->
+    per-token signals. The LM-head confidence comes from the fused kernel (no [N, V] logits) for
+    decode-sized N, where it wins; at prefill / calibration sizes one big matmul amortizes the logits
+    and the kernel's plain-torch reference is faster on CPU (measured: N=32 0.05 s vs 0.08 s, N=128
+    0.61 s vs 0.34 s at V=49152, D=576). Same quantities."""
     from ..kernels.exit_confidence import exit_confidence
     from ..kernels.exit_confidence.reference import torch_exit_confidence
 
     fn = exit_confidence if h_out.shape[0] <= FUSED_MAX_TOKENS or h_out.is_cuda else torch_exit_confidence
     max_prob, margin, top1 = fn(norm(h_out), lm_head.weight, lm_head.bias)
     return {"softmax_max": max_prob, "margin": margin, "top1": top1, "saturation": cosine01(h_out, h_in)}
+
+
+def predictor_features(norm: nn.Module, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """What the learned predictor reads: the normed state leaving the block and its saturation."""
+    normed = norm(h_out)
+    return torch.cat([normed, cosine01(h_out, h_in).unsqueeze(-1).to(normed.dtype)], -1)
+
+
+class LMExitHeads(nn.Module):
+    """Per exit of a causal LM: an adapter onto the last block's state and, for the "learned" measure,
+    a linear predictor of "this exit's next token is the full model's" (CALM's early-exit classifier)."""
+
+    def __init__(self, hidden: int, exits: int, predictors: bool):
+        super().__init__()
+        self.adapters = nn.ModuleList(ExitAdapter(hidden) for _ in range(exits))
+        self.predictors = nn.ModuleList(nn.Linear(hidden + 1, 1) for _ in range(exits)) if predictors else None
+
+    def learned_signal(self, e: int, norm: nn.Module, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.predictors[e](predictor_features(norm, h_in, h_out)).squeeze(-1))
 
 
 def kv_from_state(layer: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -248,6 +271,14 @@ def kv_from_state(layer: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict) 
         shape = (*h.shape[:2], -1, attn.head_dim)
         return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), attn.layer_idx
     raise TypeError(f"no K/V projection known for {type(layer).__name__}")
+
+
+def kv_weights(layer: nn.Module) -> int:
+    """Multiply-adds per token of `kv_from_state` on `layer` (its K and V projections)."""
+    if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "k_proj"):
+        return layer.self_attn.k_proj.weight.numel() + layer.self_attn.v_proj.weight.numel()
+    c_attn = layer.attn.c_attn.weight
+    return c_attn.numel() * 2 // 3
 
 
 def supports_kv_fill(layer: nn.Module) -> bool:
@@ -275,13 +306,14 @@ class _RowsOfCache:
 
 
 class LMExitController:
-    """Shared by the gated layers of one model: the plan, the exit head (final norm + LM head), and
-    per forward call the tokens that have exited."""
+    """Shared by the gated layers of one model: the plan, the exit heads (adapters, predictors; the
+    model's final norm + LM head), and per forward call the exit each token took."""
 
-    def __init__(self, plan: ExitPlan, norm: nn.Module, lm_head: nn.Linear, num_layers: int):
-        self.plan, self.norm, self.lm_head, self.num_layers = plan, norm, lm_head, num_layers
+    def __init__(self, plan: ExitPlan, norm: nn.Module, lm_head: nn.Linear, heads: LMExitHeads, num_layers: int):
+        self.plan, self.norm, self.lm_head, self.heads, self.num_layers = plan, norm, lm_head, heads, num_layers
         self.exit_at = {layer: e for e, layer in enumerate(plan.exit_layers)}
         self.exited: torch.Tensor | None = None   # [B, S] bool
+        self.exit_index: torch.Tensor | None = None  # [B, S] the exit a token took (-1: none)
         self.stats = ExitStats()
         self.stats.reset(len(plan.exit_layers))
 
@@ -289,6 +321,7 @@ class LMExitController:
                   args: tuple, kwargs: dict) -> Any:
         if index == 0:
             self.exited = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            self.exit_index = torch.full(hidden.shape[:2], -1, dtype=torch.long, device=hidden.device)
         exited = self.exited
         cache = _find_cache(args, kwargs)
         if exited is None or not bool(exited.any()):
@@ -303,17 +336,30 @@ class LMExitController:
         h_out = out[0] if isinstance(out, tuple) else out
         if index == self.num_layers - 1:
             self.stats.histogram[-1] += int((~exited).sum())
+            if bool(exited.any()):  # exited tokens' frozen states, each through its exit's adapter
+                h_out = h_out.clone()
+                for e, adapter in enumerate(self.heads.adapters):
+                    took = self.exit_index == e
+                    if bool(took.any()):
+                        h_out[took] = adapter(h_out[took])
+                out = (h_out, *out[1:]) if isinstance(out, tuple) else h_out
         e = self.exit_at.get(index)
         if e is not None and not math.isinf(self.plan.thresholds[e]):
             live = ~exited
             if bool(live.any()):
-                sig = lm_token_signals(self.norm, self.lm_head, hidden[live], h_out[live])[self.plan.measure]
-                leave = sig >= self.plan.thresholds[e]
+                leave = self.signal(e, hidden[live], h_out[live]) >= self.plan.thresholds[e]
                 if bool(leave.any()):
                     where = live.nonzero(as_tuple=True)
                     exited[where[0][leave], where[1][leave]] = True
+                    self.exit_index[where[0][leave], where[1][leave]] = e
                     self.stats.histogram[e] += int(leave.sum())
         return out
+
+    def signal(self, e: int, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+        """Exit e's confidence for live tokens ([N, D] states entering / leaving its block)."""
+        if self.plan.measure == "learned":
+            return self.heads.learned_signal(e, self.norm, h_in, h_out)
+        return lm_token_signals(self.norm, self.lm_head, h_in, self.heads.adapters[e](h_out))[self.plan.measure]
 
     def _decode_step(self, layer, forward, hidden, args, kwargs, cache):
         active = ~self.exited[:, 0]
@@ -357,10 +403,13 @@ class GatedForward:
         return self.controller.run_layer(self.index, self.layer, self.forward, hidden_states, args, kwargs)
 
 
-def install_lm_exits(layers: nn.ModuleList, plan: ExitPlan, norm: nn.Module, lm_head: nn.Linear,
-                     set_attr: Callable[[Any, str, Any], None] = setattr) -> LMExitController:
-    """Gate every layer of `layers` (set_attr: ModuleEdit.set_attr so a rollback undoes it)."""
-    controller = LMExitController(plan, norm, lm_head, len(layers))
+def install_lm_exits(model: nn.Module, layers: nn.ModuleList, plan: ExitPlan, norm: nn.Module, lm_head: nn.Linear,
+                     heads: LMExitHeads, set_attr: Callable[[Any, str, Any], None] = setattr) -> LMExitController:
+    """Gate every layer of `layers`, and register `heads` on `model` (as `adaptc_exit_heads`, so its
+    weights are in the state_dict that adaptc.save writes). set_attr: ModuleEdit.set_attr, so a
+    rollback undoes both."""
+    set_attr(model, LM_HEADS_ATTR, heads)
+    controller = LMExitController(plan, norm, lm_head, heads, len(layers))
     for i, layer in enumerate(layers):
         set_attr(layer, "forward", GatedForward(layer, i, controller))
     return controller

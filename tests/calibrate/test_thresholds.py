@@ -177,3 +177,21 @@ def test_bad_inputs_are_rejected():
         calibrate_thresholds(conf, agree * 2, COST, quality=0.9)
     with pytest.raises(ValueError, match="quality"):
         calibrate_thresholds(conf, agree, COST, quality=1.5)
+
+
+def test_agreement_predictor_ranks_agreeing_rows_first():
+    from torch import nn
+
+    from adaptc.calibrate.distill import fit_agreement_predictor
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 24, generator=g) * torch.rand(24, generator=g) * 5 + 3  # scales and offsets to fold back
+    v = torch.randn(24, generator=g)
+    agree = (((x - 3) @ v + 0.5 * torch.randn(600, generator=g)) > 0).float()
+    linear = nn.Linear(24, 1)
+    fit_agreement_predictor(linear, x[:400], agree[:400])
+    with torch.no_grad():
+        score = linear(x[400:]).squeeze(-1)
+    pos, neg = score[agree[400:] == 1], score[agree[400:] == 0]
+    auc = (pos[:, None] > neg[None, :]).float().mean()
+    assert auc > 0.9
