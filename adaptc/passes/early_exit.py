@@ -376,7 +376,7 @@ class EarlyExit(Pass):
         # The thresholds are fitted on the full model's states, but at run time later tokens attend to
         # exited tokens' propagated K/V. Measure that drift with the real runtime and, where it costs
         # agreement, refit against a target raised by the shortfall (each round pays its delta share).
-        target, rounds = quality, []
+        target, step, rounds = quality, 0.0, []
         for _ in range(LM_DRIFT_ROUNDS):
             chosen = self._choose(trials, target, delta / LM_DRIFT_ROUNDS)
             if isinstance(chosen, str):
@@ -393,7 +393,9 @@ class EarlyExit(Pass):
             if measured >= quality:
                 self._lm_runtime_agreement = measured  # verify() reuses it: same plan, same data
                 break
-            target = min(1.0, target + (quality - measured) + 1e-3)
+            # At least double the last step: a raise too small to move a threshold gives the same plan.
+            step = max(2 * step, quality - measured + 1e-3)
+            target = min(1.0, target + step)
             chosen = f"with K/V propagation the runtime agreement stays below {quality} (last {measured:.4f})"
         self.details["drift_rounds"] = rounds
         return chosen
