@@ -400,8 +400,11 @@ class EarlyExit(Pass):
             # the same plan again.
             drift = self.details["measured_agreement"] - measured
             step = max(2 * step, quality - measured + 1e-3)
-            target = min(1.0, max(target + step, quality + drift + 1e-3))
+            target = max(target + step, quality + drift + 1e-3)
             chosen = f"with K/V propagation the runtime agreement stays below {quality} (last {measured:.4f})"
+            if target >= 1.0:
+                chosen += f"; covering a drift of {drift:.4f} would need a calibrated agreement of 1"
+                break
         self.details["drift_rounds"] = rounds
         return chosen
 
