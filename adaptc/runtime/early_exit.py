@@ -9,7 +9,8 @@ Causal LMs (`install_lm_exits` gates the decoder layers in place): a token that 
 state frozen through the remaining layers; after the last one its exit's adapter (a residual affine map
 onto the last block's state, a "tuned lens") moves it, and the model's own final norm and LM head read
 it - that is the exit head. The "learned" measure asks a linear predictor per exit whether the exit
-agrees with the full model, so no exit evaluates the LM head at all. The layers it skips still need its keys/values for later tokens: as in CALM
+agrees with the full model, so no exit evaluates the LM head at all (nor does "saturation"). The
+layers it skips still need its keys/values for later tokens: as in CALM
 (Schuster et al., 2022), they are projected from the frozen state. With a KV cache and one new token
 a row (decoding), exited rows only pay that K/V projection and the active rows run the layer alone;
 otherwise (prefill, no cache) the layer runs on every token and exited tokens get their frozen state
@@ -359,6 +360,8 @@ class LMExitController:
         """Exit e's confidence for live tokens ([N, D] states entering / leaving its block)."""
         if self.plan.measure == "learned":
             return self.heads.learned_signal(e, self.norm, h_in, h_out)
+        if self.plan.measure == "saturation":  # the same quantity lm_token_signals gives, without the LM head
+            return cosine01(self.heads.adapters[e](h_out), h_in)
         return lm_token_signals(self.norm, self.lm_head, h_in, self.heads.adapters[e](h_out))[self.plan.measure]
 
     def _decode_step(self, layer, forward, hidden, args, kwargs, cache):

@@ -186,3 +186,20 @@ def test_lm_exit_reads_its_adapter_and_learned_predictor():
     assert exit_stats(fast).histogram == [18, 0]
     torch.testing.assert_close(got, want)
     assert "adaptc_exit_heads.predictors.0.weight" in fast.state_dict()
+
+
+@pytest.mark.parametrize("measure", ["softmax_max", "margin", "saturation"])
+def test_lm_runtime_signal_is_what_calibration_measured(measure):
+    """The runtime's confidence for a measure is the calibration's (saturation skips the LM head)."""
+    from adaptc.runtime.early_exit import LMExitController, lm_token_signals
+
+    model = small_lm("llama")
+    s = find_structure(model)
+    heads = LMExitHeads(32, 1, predictors=False)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.1)
+        h_in, h_out = torch.randn(7, 32), torch.randn(7, 32)
+        controller = LMExitController(ExitPlan("causal_lm", [2], [0.5], measure), s.norm, s.lm_head, heads, 6)
+        want = lm_token_signals(s.norm, s.lm_head, h_in, heads.adapters[0](h_out))[measure]
+        torch.testing.assert_close(controller.signal(0, h_in, h_out), want)
