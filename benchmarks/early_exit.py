@@ -260,8 +260,10 @@ def markdown(doc: dict) -> str:
                      f"{f['details'].get('exit_layers', '-')} | {f['agreement']:.4f} | b32 {f.get('batch32_speedup', 1.0):.2f}x | "
                      f"expected {f['details'].get('expected_speedup', '-')}x; {f['reason'][:120]} |")
     lm = doc.get("lm")
-    for label, quality, r in ([("SmolLM2-135M next token", doc["args"]["quality_lm"], lm)] if lm else []) + \
-            ([("(same, fallback target)", lm["fallback"]["quality"], lm["fallback"])] if lm and lm.get("fallback") else []):
+    lm_rows = [("SmolLM2-135M next token", doc["args"]["quality_lm"], lm)] if lm else []
+    if lm and lm.get("fallback"):
+        lm_rows.append(("(same, fallback target)", lm["fallback"]["quality"], lm["fallback"]))
+    for label, quality, r in lm_rows:
         d, g = r["details"], r["generation"]
         lines.append(f"| {label} | {quality} | {r['status']} | {d.get('measure', '-')} @ "
                      f"{d.get('exit_layers', '-')} | {r['heldout_next_token_agreement']:.4f} teacher-forced, "

@@ -10,8 +10,8 @@ Baselines, all in this run: HF eager, batched_mm and grouped_mm (grouped_mm is t
 default), `torch.compile` of the default block, and `adaptc.compile` of the eager block with its
 kernel tuned at each token count (as `adaptc tune` would do ahead of deployment). Every
 variant's output is checked against eager before it is timed; variants are timed in interleaved
-rounds (median of the rounds), so a burst of load on the shared machine hits all of them. batched_mm copies each token's expert
-weights; where those would take over 1/16 of memory it is skipped and says so.
+rounds (median of the rounds), so a burst of load on the shared machine hits all of them.
+batched_mm copies each token's expert weights; where those would take over 1/16 of memory it is skipped and says so.
 
 Also times `adaptc.compile` with exact passes on SmolLM2-135M (30 layers, trained weights).
 Results: benchmarks/results/moe-<device>.json and .md, with the device name.
@@ -116,7 +116,7 @@ def bench_block(name: str, tokens: list[int], device: str, dtype: torch.dtype, s
                 got = fn(x).float()
                 row["max_rel_err"][label] = ((got - want).abs().max() / want.abs().max()).item()
                 timed[label] = lambda fn=fn: fn(x)
-            row["ms"], row["ms_rounds"] = interleaved_ms(timed, device, seconds=seconds * len(timed))
+            row["ms"], row["ms_rounds"] = interleaved_ms(timed, device, seconds=seconds)
         ms = row["ms"]
         best_hf = min(v for k, v in ms.items() if k.startswith("hf_"))
         row["speedup_vs_eager"] = ms["hf_eager"] / ms["adaptc"]
@@ -187,7 +187,8 @@ def main() -> None:
     ap.add_argument("--blocks", nargs="+", choices=["mixtral", "qwen"], default=["mixtral", "qwen"])
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                     help="default: bfloat16 on GPU, float32 on CPU")
-    ap.add_argument("--seconds", type=float, default=1.0, help="time budget per measurement")
+    ap.add_argument("--seconds", type=float, default=5.0,
+                    help="timing budget per variant and token count, spread over 5 interleaved rounds")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--no-smollm2", action="store_true", help="skip timing adaptc.compile on SmolLM2-135M")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

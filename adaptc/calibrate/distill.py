@@ -94,16 +94,15 @@ def least_squares_init(adapters: list[nn.Linear], features: list[torch.Tensor], 
 L2_GRID = (0.1, 1.0, 10.0, 100.0)  # penalty on standardised weights, relative to the row count
 
 
-def fit_agreement_predictor(linear: nn.Linear, features: torch.Tensor, agree: torch.Tensor, *, seed: int = 0) -> float:
+def fit_agreement_predictor(linear: nn.Linear, features: torch.Tensor, agree: torch.Tensor, *, seed: int = 0) -> None:
     """Logistic regression of `agree` (0/1 per row) on `features` ([n, F]) into `linear` (F -> 1): CALM's
     early-exit classifier. The L2 strength is chosen on a fifth of the rows held out, then the fit is
-    redone on all of them; features are standardised for the fit and the scaling folded back in.
-    Returns the chosen strength."""
+    redone on all of them; features are standardised for the fit and the scaling folded back in."""
     x, y = features.detach().float(), agree.detach().float()
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
     z = (x - mu) / sd
     if float(y.min()) == float(y.max()):  # one class only: a constant predictor
-        w, b, l2 = torch.zeros(x.shape[1]), torch.logit(y.mean().clamp(0.01, 0.99)).reshape(1), 0.0
+        w, b = torch.zeros(x.shape[1]), torch.logit(y.mean().clamp(0.01, 0.99)).reshape(1)
     else:
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
         held, train = perm[: len(y) // 5], perm[len(y) // 5:]
@@ -118,7 +117,6 @@ def fit_agreement_predictor(linear: nn.Linear, features: torch.Tensor, agree: to
         scaled = w / sd
         linear.weight.copy_(scaled[None].to(linear.weight.dtype))
         linear.bias.copy_((b - (scaled * mu).sum()).to(linear.bias.dtype))
-    return l2
 
 
 def _logistic(z: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, torch.Tensor]:

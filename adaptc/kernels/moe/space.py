@@ -92,7 +92,6 @@ def config_features(impl: str, p: dict[str, Any], cfg: dict[str, Any], units: in
     pad = int(cfg.get("row_pad", 1))
     return {"gemm_calls": 2.0 * active if cfg.get("algorithm") == "loop" else 2.0,
             "row_padding": math.ceil(rows / pad) * pad / rows, "rows_per_gemm": rows,
-            "weight_blocks": float(cfg.get("split", 1)) if cfg.get("layout") == "wx" else 1.0,
             "cores_per_gemm_row": units / rows}
 
 
