@@ -33,9 +33,10 @@ from _results import slug, write_results
 RESULTS = Path(__file__).parent / "results"
 STRATEGIES = ("random", "tpe", "model+tpe")
 WITHIN = 1.05
-# CPU grid for the fused_moe CPU implementation: Mixtral-like and Qwen-like widths, decode to prefill.
+# CPU grid for the fused_moe CPU implementation: Mixtral-like and Qwen-like widths and a Qwen-like
+# shared expert (one expert every token picks), decode to prefill.
 CPU_GRID = [dict(H=H, I=I, E=E, K=K) for H, I, E, K in
-            [(512, 1792, 8, 2), (1024, 512, 60, 4), (768, 384, 32, 4), (1024, 3584, 8, 2)]]
+            [(512, 1792, 8, 2), (1024, 512, 60, 4), (768, 384, 32, 4), (1024, 3584, 8, 2), (1024, 2048, 1, 1)]]
 CPU_TOKENS = (1, 8, 32, 128, 512)
 
 

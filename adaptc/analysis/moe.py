@@ -155,6 +155,14 @@ def expert_semantics(expert: nn.Module) -> list[dict[str, Any]]:
     return [{"activation": a, "gate_first": o} for o, a in itertools.product(orders, acts)]
 
 
+def mlp_plans(expert: nn.Module, hidden: int) -> list[dict[str, Any]]:
+    """The (activation, gate order) plans our packed formula reproduces `expert` with ([] when it
+    is not a plain MLP)."""
+    if _expert_linears(expert) is None:
+        return []
+    return [p for p in expert_semantics(expert) if expert_matches(expert, p["activation"], p["gate_first"], hidden)]
+
+
 def expert_matches(expert: nn.Module, activation: str, gate_first: bool, hidden: int) -> bool:
     """Does our packed formula reproduce this expert on random inputs?"""
     ins, (_, out) = _expert_linears(expert)

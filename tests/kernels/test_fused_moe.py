@@ -49,10 +49,20 @@ def test_triton_tile_configs(config):
         check(triton_fused_moe(*args, config=config), args)
 
 
-def test_cpu_every_config():
-    args = space.make_inputs(37, 64, 48, 8, 2, seed=5, skip_experts=2)
+@pytest.mark.parametrize("tokens,dtype", [(37, torch.float32), (5, torch.float32), (5, torch.float16)],
+                         ids=["9-rows-per-expert", "1-3-rows", "1-3-rows-fp16"])
+def test_cpu_every_config(tokens, dtype):
+    args = space.make_inputs(tokens, 64, 48, 8, 2, dtype=dtype, seed=5, skip_experts=2)
     for config in space.cpu_configs():
         check(cpu_fused_moe(*args, config=config), args)
+
+
+def test_cpu_workers_with_parameters_that_require_grad():
+    """Grad mode is per thread: worker threads must not build autograd graphs on Parameters."""
+    x, w, ids, w13, w2, act, gated = space.make_inputs(6, 64, 48, 8, 2, seed=6)
+    config = {**space.cpu_default_config(6, 64, 48, 8, 2, torch.float32, True), "workers": 2}
+    got = cpu_fused_moe(x, w, ids, torch.nn.Parameter(w13), torch.nn.Parameter(w2), act, gated, config=config)
+    check(got.detach(), (x, w, ids, w13, w2, act, gated))
 
 
 @needs_triton_on_cpu

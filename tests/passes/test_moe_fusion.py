@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import adaptc
 from adaptc.kernels import kernel_preference
@@ -34,6 +35,8 @@ def test_hf_moe_fused_exact_generate_and_save(arch, tmp_path):
     assert not any(isinstance(m, FusedMoE) for m in model.modules()), "the user's model must not change"
     # parameters are shared with the original, not copied
     assert fast.get_submodule(blocks[0]).w13.data_ptr() == model.get_submodule(blocks[0]).experts.gate_up_proj.data_ptr()
+    if arch == "qwen2_moe":  # its shared expert runs through the op as well
+        assert fast.get_submodule(blocks[0]).shared_w13 is not None
 
     y = ids(batch=3, seq=11, seed=5)
     with torch.no_grad():
@@ -109,11 +112,22 @@ def test_user_written_moe_variants(variant, tmp_path):
         torch.testing.assert_close(loaded(y), model(y), rtol=1e-4, atol=1e-5)
 
 
-def test_graph_holds_one_fused_op_per_block():
-    model = UserMoEModel().eval()
-    fast = adaptc.compile(model, example_inputs=(torch.randint(0, 64, (2, 5)),))
+@pytest.mark.parametrize("shared", [None, "plain", "biased"])
+def test_graph_holds_one_fused_op_per_block_and_plain_shared_expert(shared):
+    """A plain-MLP shared expert is one more fused_moe call; one the op cannot express stays a module."""
+    torch.manual_seed(0)
+    model = UserMoEModel(shared=shared is not None).eval()
+    if shared == "biased":
+        for block in model.moes:
+            block.shared_expert.w2.bias = nn.Parameter(torch.randn(32) * 0.1)
+    x = torch.randint(0, 64, (2, 5))
+    fast = adaptc.compile(model, example_inputs=(x,))
+    assert moe_status(fast)["status"] == "applied"
     targets = [str(n.target) for n in fast._program.graph.nodes if n.op == "call_function"]
-    assert sum("adaptc.fused_moe" in t for t in targets) == 2
+    assert sum("adaptc.fused_moe" in t for t in targets) == (4 if shared == "plain" else 2)
+    y = torch.randint(0, 64, (3, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(y), model(y), rtol=1e-4, atol=1e-5)
 
 
 class TemperatureMoE(UserMoE):

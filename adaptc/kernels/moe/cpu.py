@@ -10,14 +10,20 @@ MKL streams a [N, H] weight far faster (2-3x measured on 2 cores) as the left op
 transposed right operand, and the gate/up halves and the down projection's input then stay
 contiguous row blocks. "xw" is the nn.functional.linear layout, for the tuner to weigh at large T.
 
-With one or two rows per expert (decode), MKL's GEMV runs on one core whatever the thread count
-(measured: 1.7x slower than the memory bandwidth allows on 2 cores). Knob "split" cuts the gate/up
-weight into that many row blocks and runs them as one batched GEMM, which MKL spreads over every
-core. Not the down projection: its input column is a unit-stride slice, which sends MKL's batched
-path to a slow kernel (4x measured), and its plain GEMV already streams at full bandwidth.
+With few rows per expert (decode, small prefill) MKL leaves cores idle: a GEMV runs on one core
+whatever the thread count, and a GEMM on 2-3 columns streams the weight at half a GEMV's speed
+(measured on 2 cores). Three knobs answer that. "workers" deals the experts over that many threads,
+each streaming its own weights. "gemv_rows" runs an expert with that few rows as one GEMV per row
+(the second pass over the weight mostly hits cache). "split", for a lone expert, cuts the gate/up
+weight into row blocks run as one batched GEMM, which MKL spreads over every core; not the down
+projection, whose unit-stride input column sends MKL's batched path to a kernel 4x slower.
 """
 from __future__ import annotations
 
+import itertools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from typing import Any
 
 import torch
@@ -55,6 +61,8 @@ def cpu_fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: to
     pair_buffer = config.get("combine", "pair_sum") == "pair_sum"
     row_pad = int(config.get("row_pad", 1))
     split = int(config.get("split", 1))
+    gemv_rows = int(config.get("gemv_rows", 0))
+    workers = int(config.get("workers", 1)) if pair_buffer else 1
     fp32 = hidden.dtype == torch.float32
 
     S = T * K
@@ -77,21 +85,18 @@ def cpu_fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: to
     out = None if pair_buffer else torch.zeros(T, H, dtype=torch.float32)
     pairs = torch.empty(S, H, dtype=torch.float32) if pair_buffer else None
 
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
+    def run_expert(e: int, start: int, n: int) -> None:
         stop, padded = start + n, start + -(-n // row_pad) * row_pad
         x = x_sorted[start:padded]
         if wx:
-            g = _w_at(w13[e], x.t(), split)              # [2I or I, rows]
+            g = _w_at(w13[e], x.t(), split, gemv_rows)   # [2I or I, rows]
             h = g[:I]
             _act_(h, activation)
             if gated:
                 h.mul_(g[I:])
             if weight_h:
                 h.mul_(w_cast[start:padded])
-            y = torch.mm(w2[e], h).t()[:n]               # [n, H], a transposed view
+            y = _w_at(w2[e], h, 1, gemv_rows).t()[:n]    # [n, H], a transposed view
         else:
             g = torch.mm(x, w13[e].t())                  # [rows, 2I or I]
             h = g[:, :I]
@@ -107,7 +112,24 @@ def cpu_fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: to
             pairs[start:stop].copy_(y)
         else:
             out.index_add_(0, token_sorted[start:stop], y)
-        start = stop
+
+    starts = itertools.accumulate(counts, initial=0)
+    work = sorted(((n, e, start) for e, (start, n) in enumerate(zip(starts, counts)) if n), reverse=True)
+    if workers > 1 and len(work) > 1:
+        # Experts dealt over threads, busiest first (torch ops release the GIL): a GEMV on a few
+        # rows runs on one core, so a thread per core streams weights in parallel. Each thread
+        # writes its own experts' pair rows.
+        def run_part(part: list[tuple[int, int, int]]) -> None:
+            with torch.no_grad():  # grad mode is per thread; these kernels never record autograd
+                for n, e, start in part:
+                    run_expert(e, start, n)
+
+        pool = _pool(workers, os.getpid())
+        for job in [pool.submit(run_part, work[i::workers]) for i in range(workers)]:
+            job.result()
+    else:
+        for n, e, start in work:
+            run_expert(e, start, n)
 
     if pair_buffer:  # each token's K rows, gathered back in token order and summed: no scatter
         inverse = torch.empty_like(order)
@@ -116,11 +138,20 @@ def cpu_fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: to
     return out if fp32 else out.to(hidden.dtype)
 
 
-def _w_at(w: torch.Tensor, x: torch.Tensor, split: int) -> torch.Tensor:
-    """w @ x for w [N, D] and x [D, rows]: one GEMM, or `split` row blocks of w as one batched GEMM."""
+def _w_at(w: torch.Tensor, x: torch.Tensor, split: int = 1, gemv_rows: int = 0) -> torch.Tensor:
+    """w @ x for w [N, D] and x [D, rows]: one GEMM, `split` row blocks of w as one batched GEMM, or
+    one GEMV per row when there are at most `gemv_rows` rows."""
+    if 1 < x.shape[1] <= gemv_rows:
+        return torch.stack([torch.mv(w, x[:, j]) for j in range(x.shape[1])]).t()  # columns contiguous
     if split == 1 or w.shape[0] % split:
         return torch.mm(w, x)
     return torch.bmm(w.view(split, -1, w.shape[1]), x.expand(split, *x.shape)).view(w.shape[0], -1)
+
+
+@cache
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per size and process (a forked child has none of its parent's threads)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="adaptc-moe")
 
 
 def grouped_mm_available() -> bool:

@@ -90,9 +90,12 @@ def config_features(impl: str, p: dict[str, Any], cfg: dict[str, Any], units: in
                 "down_waves": grid_features(m_tiles * math.ceil(p["H"] / cfg["BLOCK_N"]), units)["waves"],
                 "k_steps": p["H"] / cfg["BLOCK_K"]}
     pad = int(cfg.get("row_pad", 1))
-    return {"gemm_calls": 2.0 * active if cfg.get("algorithm") == "loop" else 2.0,
+    loop = cfg.get("algorithm") == "loop"
+    gemv = loop and 1 < rows <= cfg.get("gemv_rows", 0)
+    return {"gemm_calls": (2.0 * active * (rows if gemv else 1)) if loop else 2.0,
             "row_padding": math.ceil(rows / pad) * pad / rows, "rows_per_gemm": rows,
-            "cores_per_gemm_row": units / rows}
+            "cores_per_gemm_row": units / rows,
+            "experts_per_worker": active / min(cfg.get("workers", 1), active)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,24 +176,43 @@ CPU_SPACE: dict[str, list[Any]] = {
     # Round each expert's row count up to a multiple of this (extra rows are computed and dropped):
     # MKL's small-n GEMM paths are uneven (8 rows measured 1.4x slower than 16 on 2 cores).
     "row_pad": [1, 8, 16],
-    # Layout "wx" only: cut each weight into this many row blocks, run as one batched GEMM (see cpu.py:
-    # a GEMV on a few rows otherwise uses one core).
+    # Layout "wx" only: cut each gate/up weight into this many row blocks, run as one batched GEMM
+    # (see cpu.py: a GEMV otherwise uses one core). For a lone expert, where workers cannot help.
     "split": [1, 2, 8],
+    # Layout "wx" only: an expert with 2..gemv_rows rows runs one GEMV per row (MKL's GEMM on 2-3
+    # columns streams the weight at half a GEMV's speed; the second row reads it from cache).
+    "gemv_rows": [0, 4],
+    # Threads that run experts concurrently (pair_sum only: their writes must not overlap); at most
+    # the intra-op thread count.
+    "workers": [1, 2, 4, 8],
 }
 
 
 def cpu_default_config(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtype, gated: bool) -> dict[str, Any]:
-    # pair_sum: 1.0-1.4x index_add measured on 2 cores.
-    # split 8: 1.6x a plain GEMV at one row per expert on 2 cores; at 16+ rows MKL's GEMM spreads well alone.
-    split = 8 if T * K <= 2 * min(E, T * K) else 1
-    return {"algorithm": "loop", "layout": "wx", "combine": "pair_sum", "row_pad": 1, "split": split}
+    # Measured on 2 cores: pair_sum 1.0-1.4x index_add; with up to ~32 rows per expert, a thread per
+    # core over experts 1.2-1.4x one thread; with one expert and at most 2 rows, split 8 1.6x a GEMV.
+    rows = T * K / min(E, T * K) if T else 0
+    workers = max_workers() if E > 1 and rows <= 32 else 1
+    split = 8 if rows <= 2 and workers == 1 else 1
+    return {"algorithm": "loop", "layout": "wx", "combine": "pair_sum", "row_pad": 1, "split": split,
+            "gemv_rows": 4, "workers": workers}
+
+
+def max_workers() -> int:
+    """The largest `workers` value this process can use (its intra-op thread count)."""
+    return max(w for w in CPU_SPACE["workers"] if w <= max(torch.get_num_threads(), 1))
 
 
 def cpu_config_fits(cfg: dict[str, Any], grouped_mm_available: bool = True) -> bool:
     """grouped_mm ignores the loop's knobs: keep one config of it, and only where torch has it."""
+    knobs = (cfg["layout"], cfg["combine"], cfg["row_pad"], cfg["split"], cfg["gemv_rows"], cfg["workers"])
     if cfg["algorithm"] == "grouped_mm":
-        return grouped_mm_available and (cfg["layout"], cfg["combine"], cfg["row_pad"], cfg["split"]) == ("wx", "pair_sum", 1, 1)
-    return cfg["layout"] == "wx" or cfg["split"] == 1
+        return grouped_mm_available and knobs == ("wx", "pair_sum", 1, 1, 0, 1)
+    if cfg["workers"] > max_workers() or (cfg["workers"] > 1 and (cfg["combine"] != "pair_sum" or cfg["split"] > 1)):
+        return False  # workers write pair rows; split's batched GEMM already takes every core
+    if cfg["gemv_rows"] and cfg["row_pad"] > 1:
+        return False  # padded experts have 8+ rows: no GEMVs, a duplicate of gemv_rows 0
+    return cfg["layout"] == "wx" or (cfg["split"] == 1 and cfg["gemv_rows"] == 0)
 
 
 def cpu_configs() -> Iterator[dict[str, Any]]:
