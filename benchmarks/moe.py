@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/moe.py                  # everything, writes benchmarks/results/
     .venv/bin/python benchmarks/moe.py --tokens 16 128 --blocks mixtral --no-smollm2
+    .venv/bin/python benchmarks/moe.py --blocks qwen     # reruns one block, keeps the other's rows
 
 Blocks (random weights, real Hugging Face modules):
   mixtral  MixtralSparseMoeBlock, hidden 1024, intermediate 3584, 8 experts, top-2
@@ -19,6 +20,7 @@ Results: benchmarks/results/moe-<device>.json and .md, with the device name.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import sys
@@ -33,7 +35,7 @@ from adaptc.tuner.session import tune_calls
 from adaptc.tuner.timing import interleaved_ms
 from adaptc.tuner.tune import Budget
 from _models import smollm2
-from _results import device_name, write_results
+from _results import device_name, slug, write_results
 
 HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) for the roofline column, by GPU name.
@@ -103,7 +105,7 @@ def bench_block(name: str, tokens: list[int], device: str, dtype: torch.dtype, s
     for T in tokens:
         x = torch.randn(1, T, 1024, device=device, dtype=dtype)
         # What `adaptc tune` gives a deployment: the fused kernel tuned for this token count.
-        tuned = tune_calls(lambda: fast(x), Budget(trials=16, seconds=120, seconds_per_trial=0.3))["kernels"]
+        tuned = tune_calls(lambda: fast(x), Budget(trials=16, seconds=120, seconds_per_trial=0.5))["kernels"]
         with torch.no_grad():
             want = blocks["eager"](x).float()
             row = {"block": name, "tokens": T, "ms": {}, "max_rel_err": {}, "skipped": {},
@@ -199,6 +201,10 @@ def main() -> None:
     doc = {"benchmark": "moe", "device": device, "device_name": device_name(device), "torch": torch.__version__,
            "dtype": str(dtype).removeprefix("torch."), "date": time.strftime("%Y-%m-%d"),
            "threads": torch.get_num_threads(), "blocks": []}
+    # A rerun of one block (or without SmolLM2) keeps the rest of the previous results.
+    previous = args.out / f"moe-{slug(doc['device_name'])}.json"
+    old = json.loads(previous.read_text()) if previous.exists() else {}
+    doc["blocks"] = [r for r in old.get("blocks", []) if r["block"] not in args.blocks]
     # One process per block: a block's allocations (torch.compile graphs, allocator caches) must not
     # pile up under the next one's on a 24 GiB machine.
     ctx = multiprocessing.get_context("spawn")
@@ -212,6 +218,8 @@ def main() -> None:
                                              for r in doc["blocks"] if r["tokens"] == 2048}
     if not args.no_smollm2:
         doc["smollm2_compile"] = bench_smollm2_compile()
+    elif "smollm2_compile" in old:
+        doc["smollm2_compile"] = old["smollm2_compile"]
     doc["targets"] = check_targets(doc["blocks"], device)
     if "smollm2_compile" in doc:
         s = doc["smollm2_compile"]

@@ -203,15 +203,17 @@ def max_workers() -> int:
     return max(w for w in CPU_SPACE["workers"] if w <= max(torch.get_num_threads(), 1))
 
 
-def cpu_config_fits(cfg: dict[str, Any], grouped_mm_available: bool = True) -> bool:
-    """grouped_mm ignores the loop's knobs: keep one config of it, and only where torch has it."""
+def cpu_config_fits(cfg: dict[str, Any], grouped_mm_available: bool = True, experts: int = 2) -> bool:
+    """grouped_mm ignores the loop's knobs: keep one config of it, and only where torch has it. Nor
+    do knobs that change nothing for the problem: workers with one expert, GEMVs on padded rows."""
     knobs = (cfg["layout"], cfg["combine"], cfg["row_pad"], cfg["split"], cfg["gemv_rows"], cfg["workers"])
     if cfg["algorithm"] == "grouped_mm":
         return grouped_mm_available and knobs == ("wx", "pair_sum", 1, 1, 0, 1)
-    if cfg["workers"] > max_workers() or (cfg["workers"] > 1 and (cfg["combine"] != "pair_sum" or cfg["split"] > 1)):
+    if cfg["workers"] > 1 and (experts == 1 or cfg["workers"] > max_workers() or cfg["combine"] != "pair_sum"
+                               or cfg["split"] > 1):
         return False  # workers write pair rows; split's batched GEMM already takes every core
     if cfg["gemv_rows"] and cfg["row_pad"] > 1:
-        return False  # padded experts have 8+ rows: no GEMVs, a duplicate of gemv_rows 0
+        return False  # padded experts have 8+ rows
     return cfg["layout"] == "wx" or (cfg["split"] == 1 and cfg["gemv_rows"] == 0)
 
 
