@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/tuner.py                   # replay every table in benchmarks/results/
 
 A replay table holds the time of every config of a kernel's space for a set of problems (recorded
-once, on the device it names). For each problem held out in turn, the cost model trains on the other
+once, on the device it names, in interleaved rounds: on a shared machine a burst of load then slows
+every config alike instead of making a few look slow). For each problem held out in turn, the cost model trains on the other
 problems' tables; then random search, plain TPE and cost model + TPE each search the held-out
 problem against the table, over several seeds. The figure: measurements until a config within 5% of
 the exhaustive best is found. Also: the cost model's rank quality on held-out problems, and
@@ -45,7 +46,7 @@ def record(kernel: str, impl: str, device: str) -> Path:
     problems = [{**p, "T": t, "dtype": "float32" if device == "cpu" else "bfloat16", "gated": True}
                 for p in CPU_GRID for t in CPU_TOKENS]
     args = (k.example(p, device) for p in problems)
-    table = record_table(kernel, impl, args, Budget(seconds_per_trial=0.2),
+    table = record_table(kernel, impl, args, Budget(seconds_per_trial=0.5), rounds=5,
                          on_problem=lambda i: print(f"  recorded {i + 1}/{len(problems)}", file=sys.stderr))
     path = RESULTS / f"replay-{kernel}-{impl}-{slug(table['device']['name'])}.json"
     path.write_text(json.dumps(table, indent=1))
@@ -82,13 +83,14 @@ def replay(table: dict, seeds: int) -> dict:
             for seed in range(seeds):
                 trials = search(space, candidates, replay_measure(entry), budget, strategy=strategy,
                                 ranked=ranked, seed=seed)
-                results[strategy].append(measurements_to_near_best(trials, best) / len(candidates))
-    summary = {s: {"mean_fraction_of_space": statistics.mean(v), "max_fraction_of_space": max(v)}
-               for s, v in results.items()}
+                results[strategy].append((measurements_to_near_best(trials, best), len(candidates)))
+    summary = {s: {"mean_fraction_of_space": statistics.mean(n / size for n, size in v),
+                   "max_fraction_of_space": max(n / size for n, size in v),
+                   "mean_measurements": statistics.mean(n for n, _ in v)} for s, v in results.items()}
     q = [x for x in qualities if x.get("problems")]
     quality = {m: statistics.mean(x[m] for x in q) for m in ("spearman", "top1", "top5")} if q else {}
     return {"kernel": kernel, "implementation": impl, "device": table["device"]["name"],
-            "space_size": len(table["problems"][0]["trials"]),
+            "space_sizes": sorted({len(entry["trials"]) for entry in table["problems"]}),
             "problems": len(table["problems"]), "seeds": seeds, "strategies": summary, "cost_model": quality}
 
 
@@ -130,9 +132,10 @@ def main() -> None:
              "(mean over held-out problems and seeds; lower is better).", ""]
     for r in doc["replays"]:
         lines.append(f"## {r['kernel']}/{r['implementation']} on {r['device']} "
-                     f"({r['problems']} problems, {r['space_size']} configs each)")
-        lines += ["", "| strategy | mean | worst |", "|---|---|---|"]
-        lines += [f"| {s} | {v['mean_fraction_of_space']:.1%} | {v['max_fraction_of_space']:.1%} |" for s, v in r["strategies"].items()]
+                     f"({r['problems']} problems, {r['space_sizes'][0]}-{r['space_sizes'][-1]} configs each)")
+        lines += ["", "| strategy | mean | worst | measurements (mean) |", "|---|---|---|---|"]
+        lines += [f"| {s} | {v['mean_fraction_of_space']:.1%} | {v['max_fraction_of_space']:.1%} | {v['mean_measurements']:.1f} |"
+                  for s, v in r["strategies"].items()]
         if r["cost_model"]:
             q = r["cost_model"]
             lines += ["", f"Cost model on held-out problems: Spearman {q['spearman']:.2f}, top-1 {q['top1']:.0%}, top-5 {q['top5']:.0%}"]

@@ -153,8 +153,9 @@ class MoEFusion(Pass):
         shared = moe.find_named(block, moe.SHARED_EXPERT_NAMES)
         shared_gate = moe.find_named(block, moe.SHARED_GATE_NAMES) if shared else None
         shared_fused = next(iter(moe.mlp_plans(getattr(block, shared), info["hidden"])), None) if shared else None
-        if shared_gate and tuple(getattr(getattr(block, shared_gate), "weight", torch.empty(0)).shape) != (1, info["hidden"]):
-            shared_fused = None  # the op weighs each token by one scalar
+        gate = getattr(block, shared_gate) if shared_gate else None
+        if gate is not None and not (isinstance(gate, nn.Linear) and gate.out_features == 1):
+            shared_fused = None  # the op weighs each token by one scalar: a Linear to one output
         plans = [
             {**base, **e, "routing": r, "shared_expert": shared, "shared_expert_gate": shared_gate,
              "shared_fused": shared_fused}

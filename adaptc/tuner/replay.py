@@ -6,6 +6,7 @@ table instead of the device, so CI compares random search, TPE and cost model + 
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -13,22 +14,29 @@ from typing import Any, Callable, Iterable
 from ..cache import Trial, TuningRecord
 from ..kernels._registry import KERNELS
 from .device import DeviceFingerprint, device_fingerprint
-from .tune import Budget, Measure, best_trial, canonical, key_for, live_measure
+from .timing import interleaved_ms
+from .tune import Budget, Measure, best_trial, canonical, checked_runner, key_for
 
 FORMAT = "adaptc-replay"
 VERSION = 1
 
 
-def record_table(kernel: str, impl: str, problems: Iterable[tuple], budget: Budget = Budget(),
+def record_table(kernel: str, impl: str, problems: Iterable[tuple], budget: Budget = Budget(), rounds: int = 5,
                  on_problem: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Measure every config that fits, for each argument tuple in `problems`."""
+    """Check every config that fits, for each argument tuple in `problems`, and time those that pass
+    in `rounds` interleaved rounds (`budget.seconds_per_trial` each in all): a burst of load from
+    another process then falls on every config alike, not on the few that ran during it."""
     k = KERNELS[kernel]
     space = k.implementations[impl].space
     entries, device = [], None
     for i, args in enumerate(problems):
         device = args[0].device
-        measure = live_measure(kernel, impl, args, budget)
-        trials = [measure(c) for c in space.configs(*args)]
+        check, run = checked_runner(kernel, impl, args)
+        configs = {canonical(c): c for c in space.configs(*args)}
+        failed = {key: check(c) for key, c in configs.items()}
+        ms, _ = interleaved_ms({key: functools.partial(run, c) for key, c in configs.items() if failed[key] is None},
+                               device.type, seconds=budget.seconds_per_trial, rounds=rounds)
+        trials = [failed[key] or Trial(c, ms[key] / 1e3) for key, c in configs.items()]
         entries.append({"problem": k.problem(*args), "trials": [t.to_dict() for t in trials]})
         if on_problem:
             on_problem(i)

@@ -77,7 +77,24 @@ def record_key(kernel: str, impl: str, args: tuple) -> RecordKey:
 
 
 def live_measure(kernel: str, impl: str, args: tuple, budget: Budget) -> Measure:
-    """Run a config, check it against the reference, and time it on the arguments' device.
+    """Run a config, check it against the reference, and time it on the arguments' device."""
+    check, run = checked_runner(kernel, impl, args)
+    device = args[0].device.type
+
+    def measure(config: dict[str, Any]) -> Trial:
+        failed = check(config)
+        if failed is not None:
+            return failed
+        return Trial(config, median_seconds(lambda: run(config), device, seconds=budget.seconds_per_trial,
+                                            min_runs=3, warmup=1))
+
+    return measure
+
+
+def checked_runner(kernel: str, impl: str, args: tuple) -> tuple[Callable[[dict[str, Any]], Trial | None],
+                                                                 Callable[[dict[str, Any]], Any]]:
+    """(check, run) for `kernel`/`impl` on `args`: check(config) runs it once against the reference and
+    returns a failed Trial (crashed, wrong) or None; run(config) runs it.
 
     Without autograd: the arguments a trace caught are often the model's Parameters, and a kernel's
     in-place ops on views of them build graphs that hold every intermediate (240 MB a call at 2048
@@ -87,22 +104,19 @@ def live_measure(kernel: str, impl: str, args: tuple, budget: Budget) -> Measure
     with torch.no_grad():
         want = k.reference(*args)
     tol = k.tolerance(args[0].dtype)
-    device = args[0].device.type
+    cuda = args[0].device.type == "cuda"
 
     @torch.no_grad()
-    def measure(config: dict[str, Any]) -> Trial:
+    def check(config: dict[str, Any]) -> Trial | None:
         try:
             got = fn(*args, config=config)
-            if device == "cuda":
+            if cuda:
                 torch.cuda.synchronize()
         except Exception:  # a config that cannot run (too much shared memory, a compile error, ...)
             return Trial(config, None, "crashed")
-        if not k.matches(got, want, tol):
-            return Trial(config, None, "wrong")
-        return Trial(config, median_seconds(lambda: fn(*args, config=config), device,
-                                            seconds=budget.seconds_per_trial, min_runs=3, warmup=1))
+        return None if k.matches(got, want, tol) else Trial(config, None, "wrong")
 
-    return measure
+    return check, torch.no_grad()(lambda config: fn(*args, config=config))
 
 
 def search(space: ConfigSpace, candidates: list[dict[str, Any]], measure: Measure, budget: Budget, *,

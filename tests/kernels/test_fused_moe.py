@@ -65,6 +65,20 @@ def test_cpu_workers_with_parameters_that_require_grad():
     check(got.detach(), (x, w, ids, w13, w2, act, gated))
 
 
+@pytest.mark.parametrize("T,E,K,gemv_kept", [(1, 8, 2, False), (8, 1, 1, False), (3, 1, 1, True), (6, 8, 2, True)],
+                         ids=["one-token", "lone-expert-8-rows", "lone-expert-3-rows", "6-tokens-8-experts"])
+def test_cpu_space_prunes_gemv_configs_only_where_they_change_nothing(T, E, K, gemv_kept):
+    args = space.make_inputs(T, 64, 48, E, K, seed=7)
+    cpu = KERNEL.implementations["cpu"]
+    configs = cpu.space.configs(*args)
+    assert cpu.space.default(*args) in configs
+    assert any(c["gemv_rows"] for c in configs) == gemv_kept
+    if not gemv_kept:  # each pruned config computes bit for bit what its kept twin does
+        for c in configs:
+            if c["algorithm"] == "loop" and c["layout"] == "wx" and c["row_pad"] == 1:
+                assert torch.equal(cpu_fused_moe(*args, config={**c, "gemv_rows": 4}), cpu_fused_moe(*args, config=c))
+
+
 @needs_triton_on_cpu
 def test_triton_reads_weights_through_their_strides():
     from adaptc.kernels.moe.triton import triton_fused_moe

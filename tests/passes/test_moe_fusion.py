@@ -112,14 +112,16 @@ def test_user_written_moe_variants(variant, tmp_path):
         torch.testing.assert_close(loaded(y), model(y), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("shared", [None, "plain", "biased"])
+@pytest.mark.parametrize("shared", [None, "plain", "biased", "per-channel-gate"])
 def test_graph_holds_one_fused_op_per_block_and_plain_shared_expert(shared):
     """A plain-MLP shared expert is one more fused_moe call; one the op cannot express stays a module."""
     torch.manual_seed(0)
     model = UserMoEModel(shared=shared is not None).eval()
-    if shared == "biased":
-        for block in model.moes:
+    for block in model.moes if shared in ("biased", "per-channel-gate") else ():
+        if shared == "biased":
             block.shared_expert.w2.bias = nn.Parameter(torch.randn(32) * 0.1)
+        else:  # a gate per hidden channel: the op weighs a token's row by one scalar
+            block.shared_expert_gate = nn.Linear(32, 32, bias=False)
     x = torch.randint(0, 64, (2, 5))
     fast = adaptc.compile(model, example_inputs=(x,))
     assert moe_status(fast)["status"] == "applied"

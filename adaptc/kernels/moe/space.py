@@ -195,7 +195,14 @@ def cpu_default_config(T: int, H: int, I: int, E: int, K: int, dtype: torch.dtyp
     workers = max_workers() if E > 1 and rows <= 32 else 1
     split = 8 if rows <= 2 and workers == 1 else 1
     return {"algorithm": "loop", "layout": "wx", "combine": "pair_sum", "row_pad": 1, "split": split,
-            "gemv_rows": 4, "workers": workers}
+            "gemv_rows": 4 if gemv_can_apply(T, E, 4) else 0, "workers": workers}
+
+
+def gemv_can_apply(tokens: int, experts: int, gemv_rows: int) -> bool:
+    """Whether some expert can get 2..gemv_rows rows: not from one token (a token picks an expert at
+    most once), nor for a lone expert with more tokens (it gets them all; the tuning bucket of T
+    rounds up to a power of two, so this holds for every T of the bucket too)."""
+    return tokens > 1 and (experts > 1 or tokens <= gemv_rows)
 
 
 def max_workers() -> int:
@@ -203,16 +210,17 @@ def max_workers() -> int:
     return max(w for w in CPU_SPACE["workers"] if w <= max(torch.get_num_threads(), 1))
 
 
-def cpu_config_fits(cfg: dict[str, Any], grouped_mm_available: bool = True, experts: int = 2) -> bool:
+def cpu_config_fits(cfg: dict[str, Any], grouped_mm_available: bool = True, experts: int = 2, tokens: int = 2) -> bool:
     """grouped_mm ignores the loop's knobs: keep one config of it, and only where torch has it. Nor
-    do knobs that change nothing for the problem: workers with one expert, GEMVs on padded rows."""
+    do knobs that change nothing for the problem: workers with one expert, GEMVs on padded rows or
+    where no expert gets 2-4 rows. A measurement spent on a duplicate config only measures noise."""
     knobs = (cfg["layout"], cfg["combine"], cfg["row_pad"], cfg["split"], cfg["gemv_rows"], cfg["workers"])
     if cfg["algorithm"] == "grouped_mm":
         return grouped_mm_available and knobs == ("wx", "pair_sum", 1, 1, 0, 1)
     if cfg["workers"] > 1 and (experts == 1 or cfg["workers"] > max_workers() or cfg["combine"] != "pair_sum"
                                or cfg["split"] > 1):
         return False  # workers write pair rows; split's batched GEMM already takes every core
-    if cfg["gemv_rows"] and cfg["row_pad"] > 1:
+    if cfg["gemv_rows"] and (cfg["row_pad"] > 1 or not gemv_can_apply(tokens, experts, cfg["gemv_rows"])):
         return False  # padded experts have 8+ rows
     return cfg["layout"] == "wx" or (cfg["split"] == 1 and cfg["gemv_rows"] == 0)
 
