@@ -5,9 +5,9 @@
 
 A replay table holds the time of every config of a kernel's space for a set of problems (recorded
 once, on the device it names, in interleaved rounds: on a shared machine a burst of load then slows
-every config alike instead of making a few look slow). For each problem held out in turn, the cost model trains on the other
-problems' tables; then random search, plain TPE and cost model + TPE each search the held-out
-problem against the table, over several seeds. The figure: measurements until a config within 5% of
+every config alike instead of making a few look slow). For each problem held out in turn, the cost
+model trains on the other problems' tables; then random search, plain TPE and cost model + TPE each
+search the held-out problem against the table, over several seeds. The figure: measurements until a config within 5% of
 the exhaustive best is found. Also: the cost model's rank quality on held-out problems, and
 `adaptc.compile` cold (empty tuning cache) vs warm.
 """

@@ -221,7 +221,7 @@ def cpu_config_fits(cfg: dict[str, Any], grouped_mm_available: bool = True, expe
                                or cfg["split"] > 1):
         return False  # workers write pair rows; split's batched GEMM already takes every core
     if cfg["gemv_rows"] and (cfg["row_pad"] > 1 or not gemv_can_apply(tokens, experts, cfg["gemv_rows"])):
-        return False  # padded experts have 8+ rows
+        return False  # padded experts have 8+ rows; GEMVs need an expert with 2..gemv_rows rows
     return cfg["layout"] == "wx" or (cfg["split"] == 1 and cfg["gemv_rows"] == 0)
 
 
