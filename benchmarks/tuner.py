@@ -27,7 +27,8 @@ import torch
 from adaptc.kernels import KERNELS
 from adaptc.tuner.cost_model import CostModel, evaluate
 from adaptc.tuner.device import DeviceFingerprint
-from adaptc.tuner.replay import as_records, best_time, load_table, record_table, replay_measure
+from adaptc.tuner.replay import (as_records, best_time, load_table, measurements_to_near_best, record_table,
+                                 replay_measure)
 from adaptc.tuner.tune import Budget, canonical, measure_order, search
 from _results import slug, write_results
 
@@ -53,13 +54,6 @@ def record(kernel: str, impl: str, device: str) -> Path:
     return path
 
 
-def measurements_to_near_best(trials, best: float) -> int:
-    for i, t in enumerate(trials, 1):
-        if t.status == "ok" and t.time_s <= WITHIN * best:
-            return i
-    return len(trials) + 1  # never found within the budget
-
-
 def replay(table: dict, seeds: int) -> dict:
     kernel, impl = table["kernel"], table["implementation"]
     k = KERNELS[kernel]
@@ -83,7 +77,7 @@ def replay(table: dict, seeds: int) -> dict:
             for seed in range(seeds):
                 trials = search(space, candidates, replay_measure(entry), budget, strategy=strategy,
                                 ranked=ranked, seed=seed)
-                results[strategy].append((measurements_to_near_best(trials, best), len(candidates)))
+                results[strategy].append((measurements_to_near_best(trials, best, WITHIN), len(candidates)))
     summary = {s: {"mean_fraction_of_space": statistics.mean(n / size for n, size in v),
                    "max_fraction_of_space": max(n / size for n, size in v),
                    "mean_measurements": statistics.mean(n for n, _ in v)} for s, v in results.items()}

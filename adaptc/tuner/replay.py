@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
+
 from ..cache import Trial, TuningRecord
 from ..kernels._registry import KERNELS
 from .device import DeviceFingerprint, device_fingerprint
@@ -34,8 +36,9 @@ def record_table(kernel: str, impl: str, problems: Iterable[tuple], budget: Budg
         check, run = checked_runner(kernel, impl, args)
         configs = {canonical(c): c for c in space.configs(*args)}
         failed = {key: check(c) for key, c in configs.items()}
-        ms, _ = interleaved_ms({key: functools.partial(run, c) for key, c in configs.items() if failed[key] is None},
-                               device.type, seconds=budget.seconds_per_trial, rounds=rounds)
+        with torch.no_grad():
+            ms, _ = interleaved_ms({key: functools.partial(run, c) for key, c in configs.items() if failed[key] is None},
+                                   device.type, seconds=budget.seconds_per_trial, rounds=rounds)
         trials = [failed[key] or Trial(c, ms[key] / 1e3) for key, c in configs.items()]
         entries.append({"problem": k.problem(*args), "trials": [t.to_dict() for t in trials]})
         if on_problem:
@@ -59,6 +62,15 @@ def replay_measure(entry: dict[str, Any]) -> Measure:
     """A Measure that looks configs up in one problem's recorded trials."""
     by_config = {canonical(dict(t.config)): t for t in trials_of(entry)}
     return lambda config: by_config[canonical(config)]
+
+
+def measurements_to_near_best(trials: list[Trial], best: float, within: float = 1.05) -> int:
+    """How many of `trials` (in the order run) it took to find a config within `within` of `best`;
+    one more than were run if none was."""
+    for i, t in enumerate(trials, 1):
+        if t.status == "ok" and t.time_s <= within * best:
+            return i
+    return len(trials) + 1
 
 
 def best_time(entry: dict[str, Any]) -> float:

@@ -81,6 +81,7 @@ def live_measure(kernel: str, impl: str, args: tuple, budget: Budget) -> Measure
     check, run = checked_runner(kernel, impl, args)
     device = args[0].device.type
 
+    @torch.no_grad()
     def measure(config: dict[str, Any]) -> Trial:
         failed = check(config)
         if failed is not None:
@@ -94,7 +95,8 @@ def live_measure(kernel: str, impl: str, args: tuple, budget: Budget) -> Measure
 def checked_runner(kernel: str, impl: str, args: tuple) -> tuple[Callable[[dict[str, Any]], Trial | None],
                                                                  Callable[[dict[str, Any]], Any]]:
     """(check, run) for `kernel`/`impl` on `args`: check(config) runs it once against the reference and
-    returns a failed Trial (crashed, wrong) or None; run(config) runs it.
+    returns a failed Trial (crashed, wrong) or None; run(config) runs it, for timing under no_grad
+    (entered once around the timer, not on each timed call).
 
     Without autograd: the arguments a trace caught are often the model's Parameters, and a kernel's
     in-place ops on views of them build graphs that hold every intermediate (240 MB a call at 2048
@@ -116,7 +118,7 @@ def checked_runner(kernel: str, impl: str, args: tuple) -> tuple[Callable[[dict[
             return Trial(config, None, "crashed")
         return None if k.matches(got, want, tol) else Trial(config, None, "wrong")
 
-    return check, torch.no_grad()(lambda config: fn(*args, config=config))
+    return check, lambda config: fn(*args, config=config)
 
 
 def search(space: ConfigSpace, candidates: list[dict[str, Any]], measure: Measure, budget: Budget, *,
