@@ -5,7 +5,8 @@ group, its trials the documents, and relevance grows with speed relative to that
 (failed configs get 0). Features are the config's knobs (categorical knobs by their index in the
 space) and the problem's analytic features (FLOPs, bytes, rows per expert, ...), and what each config does to the
 problem on this device (tiles, waves over its SMs or cores, padding: `Kernel.config_features`). One
-model per device: what is fast differs between GPUs. It seeds the search and never replaces measurement.
+model per device: what is fast differs between GPUs. It seeds the search and, once trained on enough
+problems, prunes it; it never replaces measurement.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class CostModel:
     booster: Any
     feature_names: list[str]
     units: int = 1  # the device's parallel units (SMs or cores) the config features are computed for
+    problems: int = 0  # tuned problems it was trained on: how far to trust it (`tune.model_plan`)
 
     @property
     def space(self) -> ConfigSpace:
@@ -93,7 +95,7 @@ class CostModel:
         problem, config = sample
         names = ([f"knob.{k}" for k in space.knobs] + [f"log2(1+{k})" for k in sorted(KERNELS[kernel].features(problem))]
                  + [f"config.{k}" for k in sorted(_config_features(kernel, impl, problem, config, units))])
-        return cls(kernel, impl, booster, names, units)
+        return cls(kernel, impl, booster, names, units, len(groups))
 
 
 def _config_features(kernel: str, impl: str, problem: dict[str, Any], config: dict[str, Any], units: int) -> dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import random
 import time
 import warnings
@@ -25,6 +26,8 @@ from .device import device_fingerprint
 from .timing import median_seconds
 
 STRATEGIES = ("model+tpe", "tpe", "random", "exhaustive")
+PRUNE_MIN_PROBLEMS = 8  # a cost model trained on fewer problems orders the search but prunes nothing
+STUCK_AFTER = 3  # sampler proposals in a row of configs with a result before the search picks one itself
 
 
 @dataclass(frozen=True)
@@ -177,8 +180,19 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
         study.enqueue_trial(config, skip_if_exists=True)
     trials: list[Trial] = []
     deadline = time.monotonic() + budget.seconds
-    asks = 0
+    # Once every config the sampler favours has a result (an earlier worker on a shared study may have
+    # measured them all) it keeps proposing them; the search then takes the next config without one
+    # itself: the model's order first, then a seeded shuffle.
+    fallback = [*(ranked or []), *random.Random(seed).sample(list(valid.values()), len(valid))]
+    asks = repeats = 0
     while len(trials) < budget.trials and asks < 20 * budget.trials and not (trials and time.monotonic() > deadline):
+        if all(key in done for key in valid):  # nothing left to learn
+            break
+        if repeats >= STUCK_AFTER:
+            fallback = [c for c in fallback if canonical(c) in valid and canonical(c) not in done]
+            if fallback:  # else the rest is being measured by other workers right now
+                study.enqueue_trial(fallback.pop(0))
+            repeats = 0
         asks += 1
         trial = study.ask()
         config = {name: trial.suggest_categorical(name, list(values)) for name, values in space.knobs.items()}
@@ -193,6 +207,7 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
                 continue
             if state is not None:
                 done[key] = state[0]
+        repeats = repeats + 1 if key in done else 0
         if key not in done:
             result = measure(config)
             trial.set_user_attr("measured", True)
@@ -279,6 +294,18 @@ def measure_order(default: dict[str, Any], ranked: list[dict[str, Any]], trusted
     return [rest[0], default, *rest[1:]] if trusted and rest else [default, *rest]
 
 
+def model_plan(model: Any, kernel: str, impl: str, problem: dict[str, Any], default: dict[str, Any],
+               candidates: list[dict[str, Any]], budget: Budget) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The cost model's part in a search: the order to measure in (`measure_order`) and the configs
+    the search may visit. A model trained on PRUNE_MIN_PROBLEMS problems or more prunes the half it
+    ranks slowest, never below what the budget measures; the default, first or second, always stays."""
+    order = model.rank(kernel, impl, problem, candidates) if model is not None else None
+    ranked = measure_order(default, order or candidates, trusted=order is not None)
+    if model is None or (model.kernel, model.impl) != (kernel, impl) or model.problems < PRUNE_MIN_PROBLEMS:
+        return ranked, candidates
+    return ranked, ranked[:max(budget.trials, math.ceil(len(ranked) / 2))]
+
+
 def best_trial(trials: list[Trial]) -> Trial | None:
     """The fastest correct trial; equal times break on the config, so the pick is reproducible."""
     ok = [t for t in trials if t.status == "ok"]
@@ -303,21 +330,26 @@ def tune(kernel: str, impl: str, args: tuple, *, cache: TuningCache, budget: Bud
         config = dict(record.config) if record.status == "ok" else space.default(*args)
         set_config(kernel, impl, problem, device, config)
         return Outcome(kernel, impl, problem, config, "cache", time_s=record.time_s)
-    candidates = space.configs(*args)
-    ranked = None
+    candidates, ranked = space.configs(*args), None
     if strategy == "model+tpe":
-        model_order = cost_model.rank(kernel, impl, problem, candidates) if cost_model else None
-        ranked = measure_order(space.default(*args), model_order or candidates, trusted=model_order is not None)
+        ranked, candidates = model_plan(cost_model, kernel, impl, problem, space.default(*args), candidates, budget)
     trials = search(space, candidates, live_measure(kernel, impl, args, budget), budget, strategy=strategy,
                     ranked=ranked, seed=seed, storage=storage, study_name=key.digest, on_trial=on_trial)
-    # With a shared study, the best of every worker's trials.
-    best = best_trial(study_trials(storage, key.digest) if storage is not None else trials)
-    if best is None:
-        record = TuningRecord(key, config={}, time_s=None, status="crashed", trials=trials)
-        config, source = space.default(*args), "default"
-    else:
-        record = TuningRecord(key, config=dict(best.config), time_s=best.time_s, trials=trials)
-        config, source = dict(best.config), "measured"
-    cache.put(record)
+
+    def study_best() -> Trial | None:  # with a shared study, the best of every worker's trials
+        return best_trial(study_trials(storage, key.digest) if storage is not None else trials)
+
+    best = study_best()
+    while True:
+        record = (TuningRecord(key, config={}, time_s=None, status="crashed", trials=trials) if best is None
+                  else TuningRecord(key, config=dict(best.config), time_s=best.time_s, trials=trials))
+        cache.put(record)
+        # Another worker may have finished a better trial between our read and our write, and our write
+        # buried its record: read again until the study stands still, so the last write is its best.
+        latest = study_best()
+        if latest == best:
+            break
+        best = latest
+    config, source = (space.default(*args), "default") if best is None else (dict(best.config), "measured")
     set_config(kernel, impl, problem, device, config)
     return Outcome(kernel, impl, problem, config, source, len(trials), record.time_s, trials)

@@ -39,11 +39,9 @@ def test_lookups_are_memoised(tmp_path):
     cache = open_cache(None, tmp_path)
     record = make_record(0)
     cache.put(record)
-    start = time.perf_counter()
-    for _ in range(10_000):
+    for _ in range(100):  # the same object back, from memory: no store is read again
         assert cache.get(record.key) is record
-    per_lookup = (time.perf_counter() - start) / 10_000
-    assert cache.counts["memo_hits"] == 10_000 and per_lookup < 20e-6
+    assert cache.counts["memo_hits"] == 100
 
 
 @pytest.mark.parametrize("scheme", ["redis", "postgresql"])

@@ -1,6 +1,7 @@
 """Replay tables: recorded on the CPU kernel, saved and loaded, searched offline; the committed table
 still matches the kernel's config space."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from adaptc.tuner.cost_model import CostModel
 from adaptc.tuner.device import DeviceFingerprint
 from adaptc.tuner.replay import (as_records, best_time, load_table, measurements_to_near_best, record_table,
                                  replay_measure)
-from adaptc.tuner.tune import Budget, canonical, measure_order, search
+from adaptc.tuner.tune import PRUNE_MIN_PROBLEMS, Budget, canonical, measure_order, model_plan, search, tune
 
 COMMITTED = Path(__file__).parents[2] / "benchmarks" / "results" / "replay-fused_moe-cpu-amd-epyc.json"
 MOE = KERNELS["fused_moe"]
@@ -93,3 +94,28 @@ def test_the_cost_model_trained_on_the_committed_table_leads_the_search():
         trials = search(CPU_SPACE, configs, replay_measure(entry), Budget(trials=len(configs)), ranked=order)
         fractions.append(measurements_to_near_best(trials, best_time(entry)) / len(configs))
     assert sum(fractions) / len(fractions) < 0.5
+
+
+def test_a_cost_model_trained_on_enough_problems_prunes_what_compile_measures(tmp_path):
+    """The slower half by the model's ranking is never measured; the default always may be."""
+    from adaptc.cache import open_cache
+
+    table = load_table(COMMITTED)
+    records = as_records(table)
+    units = DeviceFingerprint.from_dict(table["device"]).units
+    entry = table["problems"][0]  # T=1: quick to run for real
+    args = MOE.example(entry["problem"], "cpu")
+    configs, default = CPU_SPACE.configs(*args), CPU_SPACE.default(*args)
+    budget = Budget(trials=6, seconds_per_trial=0.002)
+    model = CostModel.train("fused_moe", "cpu", records[1:], units=units)
+    ranked, visit = model_plan(model, "fused_moe", "cpu", entry["problem"], default, configs, budget)
+    assert model.problems == len(records) - 1 and len(visit) == math.ceil(len(configs) / 2)
+    assert visit == ranked[:len(visit)] and default in visit[:2]
+    outcome = tune("fused_moe", "cpu", args, cache=open_cache(None, tmp_path), budget=budget, cost_model=model)
+    kept = {canonical(c) for c in visit}
+    assert outcome.measured == budget.trials and all(canonical(dict(t.config)) in kept for t in outcome.trials)
+    # A budget that covers the space prunes nothing; nor does a model trained on too few problems.
+    assert model_plan(model, "fused_moe", "cpu", entry["problem"], default, configs, Budget(trials=len(configs)))[1] \
+        == ranked
+    few = CostModel.train("fused_moe", "cpu", records[1:PRUNE_MIN_PROBLEMS], units=units)
+    assert model_plan(few, "fused_moe", "cpu", entry["problem"], default, configs, budget)[1] == configs
