@@ -17,5 +17,9 @@ class CacheError(AdaptcError):
     """The tuning cache could not be read or written."""
 
 
+class StorageError(AdaptcError):
+    """The Optuna storage that tuning workers share could not be opened or reached."""
+
+
 class SaveLoadError(AdaptcError):
     """A saved module is missing, corrupt, or from an incompatible version."""

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 
 from adaptc.cli import main
@@ -48,7 +49,21 @@ def test_tune_the_kernels_of_a_hugging_face_model(tmp_path):
 
     MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
                   num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2).save_pretrained(tmp_path)
-    result = CliRunner().invoke(main, ["tune", "--hf-config", str(tmp_path), "--seq", "8", "--trials", "2", "--json"])
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"  # shared by workers like PostgreSQL (tests/tuner/test_fleet.py)
+    result = CliRunner().invoke(main, ["tune", "--hf-config", str(tmp_path), "--seq", "8", "--trials", "2",
+                                       "--strategy", "tpe", "--storage", storage, "--json"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert {k["kernel"] for k in doc["kernels"]} >= {"fused_moe", "attention"} and doc["measured"] >= 2
+    import optuna
+
+    studies = optuna.get_all_study_summaries(storage)  # one per problem, through the shared storage
+    assert len(studies) == sum(k["source"] == "measured" for k in doc["kernels"]) >= 2
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "postgresql://adaptc:hunter2@127.0.0.1:1/db", "foo://x"])
+def test_tune_with_a_study_storage_it_cannot_open_says_so(url):
+    result = CliRunner().invoke(main, ["tune", "fused_moe", "--problem", "H=64,I=32,E=8,K=2", "--tokens", "8",
+                                       "--storage", url])
+    assert result.exit_code == 1 and "cannot open the study storage" in result.output
+    assert "Traceback" not in result.output and "hunter2" not in result.output

@@ -52,8 +52,9 @@ def _parse_sweep(text: str) -> tuple[str, list]:
 @click.option("--strategy", type=click.Choice(["model+tpe", "tpe", "random", "exhaustive"]), default="model+tpe",
               show_default=True)
 @click.option("--storage", default=None, metavar="URL",
-              help="Optuna storage shared by workers (postgresql://… or redis://…): run this same command on "
-                   "several machines and they split the trials; no config is measured twice.")
+              help="Optuna storage shared by workers (postgresql://… or redis://…; sqlite:///… for processes of "
+                   "one machine): run this same command on several machines and they split the trials; no config "
+                   "is measured twice. Works with --hf-config too.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 def tune_command(kernel, problems, sweeps, tokens, hf_config, batch, seqs, dtype, device, trials, seconds, strategy,
                  storage, as_json):
@@ -66,10 +67,18 @@ def tune_command(kernel, problems, sweeps, tokens, hf_config, batch, seqs, dtype
     """
     import torch
 
+    from ..errors import StorageError
+    from .tune import Budget, optuna_storage
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+    try:
+        store = optuna_storage(storage)  # before any work: a dead server fails the command at once
+    except StorageError as e:
+        raise click.ClickException(str(e)) from None
+    budget = Budget(trials=trials, seconds=seconds)
     if hf_config:
-        _tune_model(hf_config, batch, seqs or (1, 128), dtype, device, trials, seconds, as_json)
+        _tune_model(hf_config, batch, seqs or (1, 128), dtype, device, budget, strategy, store, as_json)
         return
     from ..kernels import KERNELS
 
@@ -82,7 +91,7 @@ def tune_command(kernel, problems, sweeps, tokens, hf_config, batch, seqs, dtype
     names = [n for n, _ in grid]
     jobs = [{"dtype": dtype, **_parse_problem(p), **dict(zip(names, values))}
             for p in problems for values in itertools.product(*(v for _, v in grid))]
-    rows = _tune_jobs(kernel, jobs, device, trials, seconds, strategy, storage, as_json)
+    rows = _tune_jobs(kernel, jobs, device, budget, strategy, store, as_json)
     impl = "triton" if device == "cuda" else "cpu"
     if as_json:
         click.echo(json.dumps({"kernel": kernel, "implementation": impl, "results": rows}, indent=2))
@@ -90,7 +99,7 @@ def tune_command(kernel, problems, sweeps, tokens, hf_config, batch, seqs, dtype
     _print_table(f"{kernel}/{impl} on {device}", rows)
 
 
-def _tune_jobs(kernel, jobs, device, trials, seconds, strategy, storage, as_json) -> list[dict]:
+def _tune_jobs(kernel, jobs, device, budget, strategy, store, as_json) -> list[dict]:
     from rich.console import Console
     from rich.progress import Progress
 
@@ -98,18 +107,17 @@ def _tune_jobs(kernel, jobs, device, trials, seconds, strategy, storage, as_json
     from ..kernels import KERNELS
     from .cost_model import CostModel
     from .device import device_fingerprint
-    from .tune import Budget, optuna_storage, tune
+    from .tune import tune
 
     k = KERNELS[kernel]
     impl = "triton" if device == "cuda" else "cpu"
-    cache, budget = default_cache(), Budget(trials=trials, seconds=seconds)
+    cache = default_cache()
     fp = device_fingerprint(device)
     model = (CostModel.train(kernel, impl, cache.scan().records, device=fp.id, units=fp.units)
              if strategy == "model+tpe" else None)
-    store = optuna_storage(storage)
     rows = []
     with Progress(console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as progress:
-        task = progress.add_task(f"tuning {kernel}/{impl}", total=len(jobs) * trials)
+        task = progress.add_task(f"tuning {kernel}/{impl}", total=len(jobs) * budget.trials)
         for job in jobs:
             try:
                 args = k.example(dict(job), device)
@@ -120,17 +128,18 @@ def _tune_jobs(kernel, jobs, device, trials, seconds, strategy, storage, as_json
                 raise click.BadParameter(f"problem {job}: {e}") from None
             out = tune(kernel, impl, args, cache=cache, budget=budget, strategy=strategy, cost_model=model,
                        storage=store, on_trial=lambda _: progress.advance(task))
-            progress.advance(task, trials - out.measured)
+            progress.advance(task, budget.trials - out.measured)
             rows.append({"problem": out.problem, "source": out.source, "measured": out.measured,
                          "time_ms": out.time_s * 1e3 if out.time_s else None, "config": out.config})
     return rows
 
 
-def _tune_model(path, batch, seqs, dtype, device, trials, seconds, as_json) -> None:
+def _tune_model(path, batch, seqs, dtype, device, budget, strategy, store, as_json) -> None:
     import torch
 
     import adaptc
     from ..errors import AdaptcError
+    from .session import tune_calls
 
     try:
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
@@ -150,11 +159,11 @@ def _tune_model(path, batch, seqs, dtype, device, trials, seconds, as_json) -> N
     kernels, totals = [], {"measured": 0, "cache_hits": 0}
     for seq in seqs:
         ids = torch.randint(0, vocab, (batch, seq), device=device)
-        try:
-            fast = adaptc.compile(model, example_inputs=(ids,), tune_trials=trials, tune_seconds=seconds)
+        try:  # compile's rewrites decide which kernels run; this command's options decide how they are tuned
+            fast = adaptc.compile(model, example_inputs=(ids,), tune=False)
         except AdaptcError as e:
             raise click.ClickException(str(e)) from None
-        tuning = adaptc.report(fast)["tuning"]
+        tuning = tune_calls(lambda: fast(ids), budget, strategy=strategy, storage=store)
         totals = {k: totals[k] + tuning[k] for k in totals}
         kernels += [{"seq": seq, **k} for k in tuning["kernels"]]
     if as_json:

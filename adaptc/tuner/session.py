@@ -14,8 +14,9 @@ from .tune import Budget, Outcome, key_for, record_key, tune
 
 
 def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any = None, strategy: str = "model+tpe",
-               seed: int = 0) -> dict[str, Any]:
-    """Run `run()` once to see which kernel problems it calls, then tune each (cache first).
+               seed: int = 0, storage: Any = None) -> dict[str, Any]:
+    """Run `run()` once to see which kernel problems it calls, then tune each (cache first); `storage`
+    shares each problem's study with other workers (`tune.optuna_storage`).
 
     Returns the report's `tuning` entry: {measured, cache_hits, kernels: [...]}.
     """
@@ -46,7 +47,8 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
                                   "searching without it", stacklevel=2)
                     models[(kernel, impl)] = None
             outcome = tune(kernel, impl, args, cache=cache, budget=budget, strategy=strategy, seed=seed,
-                           cost_model=models.get((kernel, impl)), on_trial=lambda _: progress.advance(task))
+                           cost_model=models.get((kernel, impl)), storage=storage,
+                           on_trial=lambda _: progress.advance(task))
             progress.advance(task, budget.trials - outcome.measured)
             outcomes.append(outcome)
     return {

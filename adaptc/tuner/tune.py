@@ -21,6 +21,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from ..cache import RecordKey, Trial, TuningCache, TuningRecord
+from ..cache.record import redact_url
+from ..errors import StorageError
 from ..kernels._registry import KERNELS, ConfigSpace, set_config
 from .device import device_fingerprint
 from .timing import median_seconds
@@ -245,21 +247,29 @@ def _shared_state(study: Any, trial: Any, config: dict[str, Any]) -> tuple[float
 
 
 def optuna_storage(url: str | None) -> Any:
-    """An Optuna storage that workers share: postgresql://… (RDB) or redis://… (journal)."""
+    """An Optuna storage that workers share: postgresql://… (RDB), redis://… (journal) or sqlite:///…
+    (processes of one machine); StorageError, naming the URL without its password, when it cannot be
+    opened or reached."""
     if url is None:
         return None
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        import warnings
+    given = url
+    try:
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            import redis
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalRedisBackend
 
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalRedisBackend
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "experimental" since Optuna 3.1; the API we use is stable
-            return JournalStorage(JournalRedisBackend(url))
-    if url.startswith(("postgresql://", "postgres://")):
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, which the cache uses too
-    return _rdb_storage(url)
+            redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5).ping()  # fail here, not mid-study
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "experimental" since Optuna 3.1; the API we use is stable
+                return JournalStorage(JournalRedisBackend(url))
+        if url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, which the cache uses too
+        return _rdb_storage(url)
+    except Exception as e:  # a dead server, a wrong password, a scheme no driver knows
+        raise StorageError(f"cannot open the study storage {redact_url(given)}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''} (expected postgresql://…, redis://… or "
+                           "sqlite:///…)") from None
 
 
 def _rdb_storage(url: str, attempts: int = 5) -> Any:
