@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import click
 
@@ -15,6 +16,8 @@ def main() -> None:
 
     From Python, `adaptc.compile(model, example_inputs=...)`. From the shell, the commands below.
     """
+    # On a terminal a warning is one line, not Python's "file:line: SomeWarning" with the source line.
+    warnings.showwarning = lambda message, *_, **__: click.echo(f"warning: {message}", err=True)
 
 
 @main.command()

@@ -61,9 +61,48 @@ def test_tune_the_kernels_of_a_hugging_face_model(tmp_path):
     assert len(studies) == sum(k["source"] == "measured" for k in doc["kernels"]) >= 2
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "postgresql://adaptc:hunter2@127.0.0.1:1/db", "foo://x"])
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "postgresql://adaptc:hunter2@127.0.0.1:1/db"])
 def test_tune_with_a_study_storage_it_cannot_open_says_so(url):
     result = CliRunner().invoke(main, ["tune", "fused_moe", "--problem", "H=64,I=32,E=8,K=2", "--tokens", "8",
                                        "--storage", url])
     assert result.exit_code == 1 and "cannot open the study storage" in result.output
     assert "Traceback" not in result.output and "hunter2" not in result.output
+
+
+MOE = ["tune", "fused_moe", "--tokens", "8", "--trials", "1", "--problem"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (MOE + ["H=-1,I=32,E=8,K=2"], "H must be a whole number >= 1, got -1"),
+    (MOE + ["H=abc,I=32,E=8,K=2"], "H must be a whole number >= 1, got 'abc'"),
+    (MOE + ["H=64,I=32,E=8,K=9"], "K (experts per token) must be at most E"),
+    (MOE + ["H=64,I=32,E=8,K=2,gated=maybe"], "gated must be true or false"),
+    (MOE + ["H=64,I=32,E=8,K=2,Z=3"], "unknown name(s) Z"),
+    (MOE + ["H=64,H=64,I=32,E=8,K=2"], "H is given twice"),
+    (MOE + ["=3"], "'=3' is not NAME=VALUE"),
+    (MOE + ["H=64,I=32,E=8,K=2,T=8"], "T is in --problem"),
+    (["tune", "attention", "--problem", "B=1,Hq=3,Hkv=2,Lq=8,Lk=8,D=8,window=0"], "multiple of Hkv"),
+    (["tune", "fused_moe", "--problem", "H=64,I=32,E=8,K=2", "--sweep", "T=8,,16"], "is not NAME=V1,V2"),
+    (["tune", "fused_moe", "--problem", "H=64,I=32,E=8,K=2", "--tokens", "0"], "0 is not in the range x>=1"),
+    (MOE + ["H=64,I=32,E=8,K=2", "--trials", "0"], "0 is not in the range x>=1"),
+    (MOE + ["H=64,I=32,E=8,K=2", "--seconds", "0"], "x>0"),
+    (MOE + ["H=64,I=32,E=8,K=2", "--dtype", "int8"], "'int8' is not one of"),
+    (MOE + ["H=64,I=32,E=8,K=2", "--device", "tpu"], "'tpu' is not cpu, cuda or cuda:N"),
+    (["tune"], "give a KERNEL"),
+    (["tune", "fused_moe", "--hf-config", "."], "--hf-config tunes the kernels a model calls"),
+    (MOE + ["H=64,I=32,E=8,K=2", "--storage", "foo://x"], "unknown study storage URL 'foo://x'"),
+])
+def test_tune_refuses_bad_input_before_any_work(args, says, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTC_CACHE_DIR", str(tmp_path))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code in (1, 2) and says in result.output, result.output
+    assert "Traceback" not in result.output and not list(tmp_path.iterdir())  # nothing tuned, nothing written
+
+
+def test_the_attention_example_in_tune_help_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPTC_CACHE_DIR", str(tmp_path))
+    usage = CliRunner().invoke(main, ["tune", "--help"]).output
+    example = next(line.split()[2:] for line in usage.splitlines() if "adaptc tune attention" in line)
+    result = CliRunner().invoke(main, ["tune", *example, "--trials", "1", "--seconds", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["results"]) == 2

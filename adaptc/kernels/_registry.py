@@ -65,6 +65,8 @@ class Kernel:
     tolerance: Callable[[Any], dict[str, float]] = lambda dtype: {"atol": 1e-4, "rtol": 1e-4}
     # example(problem, device): random arguments for a problem (ahead-of-time tuning, replay tables).
     example: Callable[[dict[str, Any], str], tuple] | None = None
+    # check(problem): ValueError saying what is wrong with a problem given by hand; example() calls it too.
+    check: Callable[[dict[str, Any]], None] = lambda p: None
     # config_features(impl, problem, config, units): what a config does to this problem on a device with
     # `units` parallel units (SMs, cores): tiles, waves, padding. For the cost model; None: none.
     config_features: Callable[[str, dict[str, Any], dict[str, Any], int], dict[str, float]] | None = None
@@ -104,6 +106,24 @@ KERNELS: dict[str, Kernel] = {}
 _preference: contextvars.ContextVar[KernelPreference] = contextvars.ContextVar(
     "adaptc_kernel_preference", default=KernelPreference.AUTO
 )
+
+
+def check_problem(p: dict[str, Any], sizes: dict[str, int], flags: tuple[str, ...] = ()) -> None:
+    """ValueError saying what is wrong with a problem given by hand (`adaptc tune --problem`): a size
+    missing, not a whole number or under its least value (`sizes`: name -> least value), a flag that
+    is not true/false, or a name the kernel does not take."""
+    for name, least in sizes.items():
+        v = p.get(name)
+        if v is None:
+            raise ValueError(f"lacks {name!r}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"{name} must be a whole number >= {least}, got {v!r}")
+    for name in flags:
+        if name in p and not isinstance(p[name], bool):
+            raise ValueError(f"{name} must be true or false, got {p[name]!r}")
+    unknown = sorted(set(p) - set(sizes) - set(flags) - {"dtype"})
+    if unknown:
+        raise ValueError(f"unknown name(s) {', '.join(unknown)}; this kernel takes {', '.join([*sizes, *flags])}")
 
 
 def register(kernel: Kernel) -> Kernel:

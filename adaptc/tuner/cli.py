@@ -18,18 +18,37 @@ def _value(text: str):
 def _parse_problem(text: str) -> dict:
     out = {}
     for part in text.split(","):
-        name, _, value = part.partition("=")
-        if not value:
+        name, _, value = (x.strip() for x in part.partition("="))
+        if not name or not value:
             raise click.BadParameter(f"{part!r} is not NAME=VALUE")
-        out[name.strip()] = _value(value)
+        if name in out:
+            raise click.BadParameter(f"{name} is given twice in {text!r}")
+        out[name] = _value(value)
     return out
 
 
 def _parse_sweep(text: str) -> tuple[str, list]:
-    name, _, values = text.partition("=")
-    if not values:
+    name, _, values = (x.strip() for x in text.partition("="))
+    parts = [v.strip() for v in values.split(",")]
+    if not name or not all(parts):
         raise click.BadParameter(f"{text!r} is not NAME=V1,V2,...")
-    return name.strip(), [_value(v) for v in values.split(",")]
+    return name, list(dict.fromkeys(_value(v) for v in parts))
+
+
+def _show(problem: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in problem.items() if k != "dtype")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise click.BadParameter(f"{name!r} is not cpu, cuda or cuda:N", param_hint="--device")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise click.BadParameter(f"{name}: torch sees no CUDA device on this machine", param_hint="--device")
+    return name
 
 
 @click.command("tune")
@@ -39,16 +58,21 @@ def _parse_sweep(text: str) -> tuple[str, list]:
                    "B=1,Hq=8,Hkv=2,Lq=1024,Lk=1024,D=64,causal=true,window=0 for attention (repeatable).")
 @click.option("--sweep", "sweeps", multiple=True, metavar="NAME=V1,V2,...",
               help="Tune every --problem at each of these values of NAME, e.g. T=1,16,128 (repeatable: a grid).")
-@click.option("--tokens", multiple=True, type=int, help="Shorthand for --sweep T=...: token counts (fused_moe).")
+@click.option("--tokens", multiple=True, type=click.IntRange(min=1),
+              help="Shorthand for --sweep T=...: token counts (fused_moe).")
 @click.option("--hf-config", type=click.Path(exists=True), default=None,
               help="Instead of KERNEL: tune every kernel a Hugging Face model built from this config (a config.json "
                    "or a folder with one; random weights: shapes are what matter) calls at --batch x --seq tokens.")
-@click.option("--batch", default=1, show_default=True, help="With --hf-config: batch size.")
-@click.option("--seq", "seqs", multiple=True, type=int, help="With --hf-config: sequence lengths (default 1 and 128).")
-@click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: bfloat16 on GPU, float32 on CPU).")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when there is one).")
-@click.option("--trials", default=24, show_default=True, help="Measurements per problem, at most.")
-@click.option("--seconds", default=60.0, show_default=True, help="Wall time per problem, at most.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="With --hf-config: batch size.")
+@click.option("--seq", "seqs", multiple=True, type=click.IntRange(min=1),
+              help="With --hf-config: sequence lengths (default 1 and 128).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Default: bfloat16 on GPU, float32 on CPU.")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is one).")
+@click.option("--trials", default=24, show_default=True, type=click.IntRange(min=1),
+              help="Measurements per problem, at most.")
+@click.option("--seconds", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Wall time per problem, at most.")
 @click.option("--strategy", type=click.Choice(["model+tpe", "tpe", "random", "exhaustive"]), default="model+tpe",
               show_default=True)
 @click.option("--storage", default=None, metavar="URL",
@@ -62,16 +86,17 @@ def tune_command(kernel, problems, sweeps, tokens, hf_config, batch, seqs, dtype
 
     \b
     adaptc tune fused_moe --problem H=1024,I=3584,E=8,K=2 --tokens 16 --tokens 128
-    adaptc tune attention --problem B=1,Hq=8,Hkv=2,D=64,causal=true,window=0 --sweep Lq=1024,4096 --sweep Lk=4096
+    adaptc tune attention --problem B=1,Hq=8,Hkv=2,D=64,causal=true,window=0 --sweep Lq=1,1024 --sweep Lk=4096
     adaptc tune --hf-config path/to/config.json --seq 1 --seq 512
     """
-    import torch
-
     from ..errors import StorageError
     from .tune import Budget, optuna_storage
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or ("bfloat16" if device == "cuda" else "float32")
+    if hf_config and (kernel or problems or sweeps or tokens):
+        raise click.UsageError("--hf-config tunes the kernels a model calls: KERNEL, --problem, --sweep and "
+                               "--tokens do not go with it")
+    device = _device(device)
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     try:
         store = optuna_storage(storage)  # before any work: a dead server fails the command at once
     except StorageError as e:
@@ -83,14 +108,29 @@ def tune_command(kernel, problems, sweeps, tokens, hf_config, batch, seqs, dtype
     from ..kernels import KERNELS
 
     tunable = ", ".join(n for n, k in KERNELS.items() if k.example)
+    if kernel is None:
+        raise click.UsageError(f"give a KERNEL ({tunable}) with --problem, or --hf-config")
     if kernel not in KERNELS or KERNELS[kernel].example is None:
         raise click.BadParameter(f"unknown kernel {kernel!r}; tunable: {tunable} (or --hf-config)")
     if not problems:
         raise click.BadParameter("give at least one --problem (or --hf-config)")
-    grid = [_parse_sweep(s) for s in sweeps] + ([("T", list(tokens))] if tokens else [])
+    grid = [_parse_sweep(s) for s in sweeps] + ([("T", list(dict.fromkeys(tokens)))] if tokens else [])
     names = [n for n, _ in grid]
-    jobs = [{"dtype": dtype, **_parse_problem(p), **dict(zip(names, values))}
-            for p in problems for values in itertools.product(*(v for _, v in grid))]
+    if len(set(names)) < len(names):
+        raise click.BadParameter("a name is swept twice (--tokens sweeps T)")
+    jobs = []
+    for text in problems:
+        problem = _parse_problem(text)
+        if set(problem) & set(names):
+            raise click.BadParameter(f"{', '.join(sorted(set(problem) & set(names)))} is in --problem {text!r} and "
+                                     "is swept too")
+        jobs += [{"dtype": dtype, **problem, **dict(zip(names, values))}
+                 for values in itertools.product(*(v for _, v in grid))]
+    for job in jobs:  # every problem checked before any is tuned
+        try:
+            KERNELS[kernel].check(job)
+        except ValueError as e:
+            raise click.BadParameter(f"{kernel} problem {_show(job)}: {e}", param_hint="--problem") from None
     rows = _tune_jobs(kernel, jobs, device, budget, strategy, store, as_json)
     impl = "triton" if device == "cuda" else "cpu"
     if as_json:
@@ -119,13 +159,7 @@ def _tune_jobs(kernel, jobs, device, budget, strategy, store, as_json) -> list[d
     with Progress(console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as progress:
         task = progress.add_task(f"tuning {kernel}/{impl}", total=len(jobs) * budget.trials)
         for job in jobs:
-            try:
-                args = k.example(dict(job), device)
-            except KeyError as e:
-                raise click.BadParameter(f"problem {job} lacks {e} (a {kernel} problem names every size it needs)") \
-                    from None
-            except (ValueError, TypeError, AttributeError) as e:
-                raise click.BadParameter(f"problem {job}: {e}") from None
+            args = k.example(dict(job), device)
             out = tune(kernel, impl, args, cache=cache, budget=budget, strategy=strategy, cost_model=model,
                        storage=store, on_trial=lambda _: progress.advance(task))
             progress.advance(task, budget.trials - out.measured)

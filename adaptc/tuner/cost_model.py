@@ -11,6 +11,7 @@ problems, prunes it; it never replaces measurement.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -72,7 +73,7 @@ class CostModel:
         import lightgbm as lgb
 
         space = KERNELS[kernel].implementations[impl].space
-        X, y, groups = [], [], []
+        X, y, groups, unreadable = [], [], [], 0
         for record in records:
             if record.key.kernel != f"{kernel}/{impl}" or (device is not None and record.key.device != device):
                 continue
@@ -81,10 +82,17 @@ class CostModel:
                 continue
             best = min(ok)
             problem = dict(record.key.problem)
-            X.append(_features(kernel, impl, space, problem, [dict(t.config) for t in record.trials], units))
+            try:
+                X.append(_features(kernel, impl, space, problem, [dict(t.config) for t in record.trials], units))
+            except (KeyError, TypeError, ValueError):  # e.g. an imported record whose problem lacks a size
+                unreadable += 1
+                continue
             sample = problem, dict(record.trials[0].config)  # for the feature names
             y += [_relevance(t.time_s, best) for t in record.trials]
             groups.append(len(record.trials))
+        if unreadable:
+            warnings.warn(f"adaptc: the {kernel}/{impl} cost model left out {unreadable} cached record(s) whose "
+                          "problem or configs it cannot read", stacklevel=2)
         if len(groups) < MIN_GROUPS:
             return None
         params = {"objective": "lambdarank", "learning_rate": 0.05, "num_leaves": 15, "min_data_in_leaf": 3,

@@ -29,6 +29,7 @@ from .timing import median_seconds
 
 STRATEGIES = ("model+tpe", "tpe", "random", "exhaustive")
 PRUNE_MIN_PROBLEMS = 8  # a cost model trained on fewer problems orders the search but prunes nothing
+STORAGE_SCHEMES = ("postgresql", "postgres", "redis", "rediss", "unix", "sqlite")
 STUCK_AFTER = 3  # sampler proposals in a row of configs with a result before the search picks one itself
 
 
@@ -252,9 +253,12 @@ def optuna_storage(url: str | None) -> Any:
     opened or reached."""
     if url is None:
         return None
-    given = url
+    given, scheme = url, url.partition("://")[0] if "://" in url else ""
+    if scheme not in STORAGE_SCHEMES:
+        raise StorageError(f"unknown study storage URL {redact_url(url)!r}: expected postgresql://…, redis://… "
+                           "or sqlite:///…")
     try:
-        if url.startswith(("redis://", "rediss://", "unix://")):
+        if scheme in ("redis", "rediss", "unix"):
             import redis
             from optuna.storages import JournalStorage
             from optuna.storages.journal import JournalRedisBackend
@@ -263,13 +267,13 @@ def optuna_storage(url: str | None) -> Any:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "experimental" since Optuna 3.1; the API we use is stable
                 return JournalStorage(JournalRedisBackend(url))
-        if url.startswith(("postgresql://", "postgres://")):
+        if scheme in ("postgresql", "postgres"):
             url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, which the cache uses too
         return _rdb_storage(url)
-    except Exception as e:  # a dead server, a wrong password, a scheme no driver knows
-        raise StorageError(f"cannot open the study storage {redact_url(given)}: {type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''} (expected postgresql://…, redis://… or "
-                           "sqlite:///…)") from None
+    except Exception as e:  # a dead server, a wrong password, a missing database
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise StorageError(f"cannot open the study storage {redact_url(given)}: {type(e).__name__}: {first}") \
+            from None
 
 
 def _rdb_storage(url: str, attempts: int = 5) -> Any:

@@ -167,6 +167,12 @@ def test_cost_model_learns_a_ranking_from_records(cache):
     everything = cache.scan().records
     mixed = CostModel.train("fused_moe", "cpu", sorted(everything, key=lambda r: r.key.kernel != "fused_moe/cpu"), units=2)
     assert mixed is not None and any(n.startswith("config.") for n in mixed.feature_names)
+    # An imported record whose problem lacks sizes is left out with a warning, never a crash.
+    import dataclasses
+
+    poisoned = dataclasses.replace(records[0], key=dataclasses.replace(records[0].key, problem=(("T", "abc"),)))
+    with pytest.warns(UserWarning, match="left out 1 cached record"):
+        assert CostModel.train("fused_moe", "cpu", [poisoned, *records]).problems == len(records)
 
 
 def test_tune_calls_reports_problems(cache):

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .._registry import grid_features
+from .._registry import check_problem, grid_features
 
 KERNEL_NAME = "attention"
 
@@ -83,9 +83,25 @@ def make_inputs(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, *, dtype=to
 
 
 def example_inputs(p: dict[str, Any], device: str = "cpu", seed: int = 0) -> tuple:
+    """Random arguments for a problem; the mask-structure flags default to false."""
+    check(p)
     return make_inputs(p["B"], p["Hq"], p["Hkv"], p["Lq"], p["Lk"], p["D"], dtype=getattr(torch, p["dtype"]),
-                       device=device, causal=p["causal"], window=p["window"], padding="left" if p["padded"] else None,
-                       seed=seed)
+                       device=device, causal=p.get("causal", False), window=p["window"],
+                       padding="left" if p.get("padded") else None, seed=seed)
+
+
+def check(p: dict[str, Any]) -> None:
+    check_problem(p, {"B": 1, "Hq": 1, "Hkv": 1, "Lq": 1, "Lk": 1, "D": 1, "window": 0},
+                  flags=("causal", "padded", "masked"))
+    check_heads(p)
+    if p.get("masked"):
+        raise ValueError("masked=true cannot be made up from sizes: an attention mask comes from a model "
+                         "(tune it with --hf-config)")
+
+
+def check_heads(p: dict[str, Any]) -> None:
+    if p["Hq"] % p["Hkv"]:
+        raise ValueError(f"Hq must be a multiple of Hkv (grouped-query heads), got Hq={p['Hq']}, Hkv={p['Hkv']}")
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:

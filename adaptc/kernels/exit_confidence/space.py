@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .._registry import grid_features
+from .._registry import check_problem, grid_features
 
 KERNEL_NAME = "exit_confidence"
 H100_SMEM_BYTES = 232448  # max dynamic shared memory per block on sm_90
@@ -86,11 +86,15 @@ def make_inputs(N: int, V: int, D: int, *, dtype=torch.float32, device="cpu", bi
     return hidden, weight, b
 
 
+def check(p: dict[str, Any]) -> None:
+    check_problem(p, {"N" if "N" in p else "T": 1, "V": 2, "D": 1}, flags=("bias",))
+
+
 def example_inputs(p: dict[str, Any], device: str = "cpu", seed: int = 0) -> tuple:
     """Arguments for a problem; `adaptc tune exit_confidence --problem V=49152,D=576 --tokens 1` passes the
     rows as T and no bias flag."""
-    rows = p["N"] if "N" in p else p["T"]
-    return make_inputs(rows, p["V"], p["D"], dtype=getattr(torch, p.get("dtype", "float32")), device=device,
+    check(p)
+    return make_inputs(p["N"] if "N" in p else p["T"], p["V"], p["D"], dtype=getattr(torch, p.get("dtype", "float32")), device=device,
                        bias=bool(p.get("bias", False)), seed=seed)
 
 

@@ -48,7 +48,7 @@ KERNEL = register(Kernel(
     {"cpu": Implementation(cpu_fused_moe, _cpu_supports, CPU_SPACE),
      "triton": Implementation(_triton, _triton_supports, TRITON_SPACE)},
     problem=space.problem, features=space.problem_features, tolerance=space.tolerance,
-    example=space.example_inputs, config_features=space.config_features,
+    example=space.example_inputs, check=space.check, config_features=space.config_features,
 ))
 
 from . import op  # noqa: E402,F401  (registers the custom op)

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .._registry import grid_features
+from .._registry import check_problem, grid_features
 
 KERNEL_NAME = "fused_moe"
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
@@ -280,8 +280,15 @@ def make_inputs(T: int, H: int, I: int, E: int, K: int, *, dtype: torch.dtype = 
             w13.to(device, dtype), w2.to(device, dtype), activation, gated)
 
 
+def check(p: dict[str, Any]) -> None:
+    check_problem(p, {"T": 1, "H": 1, "I": 1, "E": 1, "K": 1}, flags=("gated",))
+    if p["K"] > p["E"]:
+        raise ValueError(f"K (experts per token) must be at most E (experts), got K={p['K']}, E={p['E']}")
+
+
 def example_inputs(p: dict[str, Any], device: str = "cpu", seed: int = 0) -> tuple:
     """Random arguments for a `problem` dict."""
+    check(p)
     return make_inputs(p["T"], p["H"], p["I"], p["E"], p["K"], dtype=getattr(torch, p["dtype"]), device=device,
                        gated=p.get("gated", True), seed=seed)
 

@@ -5,7 +5,8 @@ from typing import Any
 
 import torch
 
-from ..attention.space import bucket
+from .._registry import check_problem
+from ..attention.space import bucket, check_heads
 
 KERNEL_NAME = "sparse_attention"
 
@@ -47,7 +48,13 @@ def make_inputs(B: int, Hq: int, Hkv: int, Lq: int, Lk: int, D: int, *, block: i
             [max(0, topk - h % 2) for h in range(Hq)])
 
 
+def check(p: dict[str, Any]) -> None:
+    check_problem(p, {"B": 1, "Hq": 1, "Hkv": 1, "Lq": 1, "Lk": 1, "D": 1, "block": 1, "blocks": 1})
+    check_heads(p)
+
+
 def example_inputs(p: dict[str, Any], device: str = "cpu", seed: int = 0) -> tuple:
+    check(p)
     return make_inputs(p["B"], p["Hq"], p["Hkv"], p["Lq"], p["Lk"], p["D"], block=p["block"], sinks=1,
                        window=max(1, p["blocks"] // 2), topk=max(0, p["blocks"] - 1 - p["blocks"] // 2),
                        dtype=getattr(torch, p["dtype"]), device=device, seed=seed)
