@@ -2,6 +2,10 @@
 
 Every command takes `--json` (one JSON document on stdout, warnings on stderr) and `--url`, which
 overrides $ADAPTC_CACHE_URL, either before the command (`adaptc cache --url … stats`) or after it.
+
+Unlike the compiler, which carries on without a shared cache that is down, these commands are aimed
+at the cache: one that cannot be reached is an error (before `export`, `import` and `clear` change
+anything; after `stats` and `list` have shown what they could read).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import click
 
+from adaptc.cache.record import kernel_matches, redact_url
 from adaptc.cache.tiered import CacheWarning, TuningCache, open_cache
 from adaptc.errors import CacheError
 
@@ -29,7 +34,17 @@ def _options(fn: Callable) -> Callable:
         url = url if url is not None else ctx.meta.get(_URL_META)
         with _reporting_warnings(), _opened(url) as cache:
             fn(cache, as_json, **kwargs)
+            if cache.failures:  # a part of the cache was left out or refused a write: not a success
+                raise CacheError("; ".join(f"the {t} tuning cache failed: {e}" for t, e in cache.failures.items()))
     return wrapper
+
+
+def _require(cache: TuningCache, shared: bool = True) -> None:
+    """Fail before changing anything when a store the command acts on cannot be reached."""
+    try:
+        cache.check(shared)
+    except CacheError as e:
+        raise click.ClickException(f"nothing was changed: {e}") from None
 
 
 @contextlib.contextmanager
@@ -82,7 +97,7 @@ def stats(cache: TuningCache, as_json: bool) -> None:
     """How many records each tier holds, by kernel and device."""
     from adaptc.tuner.device import device_fingerprint
 
-    scan, tiers = cache.scan(), cache.stats()
+    tiers, scan = cache.stats(), cache.scan()  # stats first: a tier that is down shows with its error
     kernels: dict[str, int] = {}
     devices: dict[str, int] = {}
     for r in scan.records:
@@ -113,14 +128,14 @@ def stats(cache: TuningCache, as_json: bool) -> None:
 
 
 @cache.command(name="list")
-@click.option("--kernel", default=None, help="Only records of this kernel.")
+@click.option("--kernel", default=None, help="Only records of this kernel (fused_moe: every implementation).")
 @click.option("--device", default=None, help="Only records for this device id.")
 @_options
 def list_(cache: TuningCache, as_json: bool, kernel: str | None, device: str | None) -> None:
     """Every record: kernel, problem, device, chosen config and its time."""
     scan = cache.scan()
-    records = sorted((r for r in scan.records
-                      if (kernel is None or r.key.kernel == kernel) and (device is None or r.key.device == device)),
+    records = sorted((r for r in scan.records if (kernel is None or kernel_matches(r.key.kernel, kernel))
+                      and (device is None or r.key.device == device)),
                      key=lambda r: (r.key.kernel, r.key.device, r.key.dtype, repr(r.key.problem)))
     if as_json:
         _echo_json({"records": [{"digest": r.key.digest, **r.to_dict()} for r in records],
@@ -140,43 +155,49 @@ def list_(cache: TuningCache, as_json: bool, kernel: str | None, device: str | N
 
 
 @cache.command(name="export")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--kernel", default=None, help="Only records of this kernel.")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--kernel", default=None, help="Only records of this kernel (fused_moe: every implementation).")
 @click.option("--device", "device", default="cpu", show_default=True,
               help="The device to name in the bundle's header (cpu or cuda[:N]).")
 @click.option("--force", is_flag=True, help="Replace FILE if it exists.")
 @_options
 def export_(cache: TuningCache, as_json: bool, file: str, kernel: str | None, device: str, force: bool) -> None:
-    """Write the cache's records to a JSON bundle FILE (never over an existing file without --force)."""
-    from adaptc.cache.bundle import export_bundle
+    """Write the cache's records to a JSON bundle FILE, - for stdout (never over an existing file
+    without --force, never over a database)."""
+    from adaptc.cache.bundle import STDIO, export_bundle
 
+    _require(cache)
     report = export_bundle(cache, file, kernel=kernel, device=device, overwrite=force)
+    to_stderr = file == STDIO  # stdout holds the bundle itself
     if as_json:
-        _echo_json(vars(report))
+        click.echo(json.dumps(vars(report), indent=2, sort_keys=True), err=to_stderr)
     else:
         skipped = f" ({report.skipped_invalid} unreadable records left out)" if report.skipped_invalid else ""
-        click.echo(f"exported {report.exported} records to {report.path}{skipped}")
+        click.echo(f"exported {report.exported} records to {report.path}{skipped}", err=to_stderr)
 
 
 @cache.command(name="import")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @_options
 def import_(cache: TuningCache, as_json: bool, file: str) -> None:
-    """Add the records of a JSON bundle FILE. A record already present is kept, never replaced."""
+    """Add the records of a JSON bundle FILE (- for stdin). A record already present is kept, never replaced."""
     from adaptc.cache.bundle import import_bundle
 
+    _require(cache)
     report = import_bundle(cache, file)
     if as_json:
         _echo_json(report.to_dict())
-        return
-    click.echo(f"imported {report.imported}, already present {report.already_present}, "
-               f"skipped invalid {report.skipped_invalid} from {report.path}")
-    for problem in report.problems[:10]:
-        click.echo(f"  skipped {problem}", err=True)
-    for kept in report.kept[:10]:
-        click.echo(f"  {kept}", err=True)
-    if len(report.kept) > 10 or len(report.problems) > 10:
-        click.echo("  … (see --json for every one)", err=True)
+    else:
+        click.echo(f"imported {report.imported}, already present {report.already_present}, "
+                   f"skipped invalid {report.skipped_invalid} from {report.path}")
+        for problem in report.problems[:10]:
+            click.echo(f"  skipped {problem}", err=True)
+        for kept in report.kept[:10]:
+            click.echo(f"  {kept}", err=True)
+        if len(report.kept) > 10 or len(report.problems) > 10:
+            click.echo("  … (see --json for every one)", err=True)
+    if report.skipped_invalid and not (report.imported or report.already_present):
+        raise click.ClickException(f"no valid records in {report.path}: all {report.skipped_invalid} were skipped")
 
 
 @cache.command()
@@ -185,9 +206,9 @@ def import_(cache: TuningCache, as_json: bool, file: str) -> None:
 @_options
 def clear(cache: TuningCache, as_json: bool, yes: bool, local_only: bool) -> None:
     """Delete every record (of this schema version)."""
-    tiers = cache.stats()
-    names = ["local"] + ([] if local_only or tiers["shared"] is None else ["shared"])
-    where = " and ".join(f"{t} {tiers[t].get('path') or tiers[t]['url']}" for t in names)
+    _require(cache, shared=not local_only)
+    stores = {"local": cache.local, **({"shared": cache.shared} if cache.shared is not None and not local_only else {})}
+    where = " and ".join(f"{t} {getattr(b, 'path', None) or redact_url(b.url)}" for t, b in stores.items())
     if not yes:
         click.confirm(f"Delete every tuning record from {where}?", abort=True, err=True)
     removed = cache.clear(shared=not local_only)

@@ -10,13 +10,13 @@ import functools
 import hashlib
 import json
 import math
+import re
 import socket
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any, Iterator, Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 from adaptc.errors import CacheError
 
@@ -221,14 +221,22 @@ class Backend(ABC):
         return {"kind": self.kind, "url": redact_url(self.url), "records": self.count()}
 
 
+# user:password@ (up to the last @ before the query: a password may hold a raw @ or /), and the value
+# of any query key that names a secret (password=, sslpassword=, token=, …). Regular expressions, not
+# urlsplit: the URLs that need redacting most are the malformed ones an error message quotes.
+_USERINFO_PASSWORD = re.compile(r"(://[^/?#:]*:)[^?#]*@")
+_QUERY_SECRET = re.compile(r"([?&][^=&#]*(?:pass|secret|token)[^=&#]*=)[^&#]*", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, for warnings and `adaptc cache stats` output."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+    """The URL with any password or secret query value replaced, for warnings and `adaptc cache stats`."""
+    return _QUERY_SECRET.sub(r"\1***", _USERINFO_PASSWORD.sub(r"\1***@", url, count=1))
+
+
+def kernel_matches(kernel: str, wanted: str) -> bool:
+    """Whether a stored kernel name is what a `--kernel` filter asks for: `fused_moe` names every
+    implementation (`fused_moe/cpu`, `fused_moe/triton`), `fused_moe/cpu` just that one."""
+    return kernel == wanted or ("/" not in wanted and kernel.split("/", 1)[0] == wanted)
 
 
 def source_hash(*parts: str | bytes) -> str:

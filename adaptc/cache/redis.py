@@ -44,7 +44,10 @@ class RedisBackend(Backend):
             # No retries: redis-py's default (3, with backoff) would stall a compile for many timeouts
             # before the tiered cache can fall back. redis-py's pool notices fork() and reconnects.
             # Values stay bytes: one that is not UTF-8 is a bad record for from_json to refuse, not a crash.
-            self._client = redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
+            try:
+                self._client = redis.Redis.from_url(self.url, retry=Retry(NoBackoff(), 0), **options)
+            except ValueError as e:  # a query option redis-py cannot parse (socket_timeout=soon)
+                raise BackendUnavailable(f"invalid redis URL {redact_url(self.url)}: {e}") from None
         return self._client
 
     def _call(self, fn, write: bool = False) -> Any:

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from adaptc.cache.record import (Backend, BackendUnavailable, BackendWriteError, RecordError, RecordKey,
                                   TuningRecord, redact_url)
@@ -30,18 +31,24 @@ class CacheWarning(UserWarning):
 
 
 def open_backend(url: str) -> Backend:
-    """The backend a URL names: sqlite:///path, redis://, rediss://, unix://, postgresql://."""
+    """The backend a URL names: sqlite:///path, redis://, rediss://, unix://, postgresql://.
+
+    Anything else, a bare file path included, is a CacheError: a typo must not quietly become a new
+    SQLite file in the current directory."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "sqlite":
         return SQLiteBackend.from_url(url)
+    if scheme in ("redis", "rediss", "unix", "postgresql", "postgres"):
+        try:  # checked now: the drivers would raise a bare ValueError at the first lookup
+            urlsplit(url).port
+        except ValueError as e:
+            raise CacheError(f"invalid tuning cache URL {redact_url(url)!r}: {e}") from None
     if scheme in ("redis", "rediss", "unix"):
         from adaptc.cache.redis import RedisBackend
         return RedisBackend(url)
     if scheme in ("postgresql", "postgres"):
         from adaptc.cache.postgres import PostgresBackend
         return PostgresBackend(url)
-    if not scheme or "/" in scheme:  # a bare file path
-        return SQLiteBackend(url)
     raise CacheError(f"unknown tuning cache URL {redact_url(url)!r}: expected sqlite:///path, redis://… or "
                      "postgresql://…")
 
@@ -67,6 +74,9 @@ class Scan:
 class TuningCache:
     def __init__(self, local: Backend, shared: Backend | None = None) -> None:
         self.local, self.shared = local, shared
+        # Kept even when a tier is swapped out: export must never write a bundle over these files.
+        self.files = [b.path for b in (local, shared) if isinstance(b, SQLiteBackend) and b.path != MEMORY]
+        self.failures: dict[str, str] = {}  # tier -> the first error that dropped or refused it
         self._memo: dict[RecordKey, TuningRecord] = {}
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
@@ -163,6 +173,17 @@ class TuningCache:
                 out[tier] = self._guard(tier, lambda b: b.delete_all(), default=0)
         return out
 
+    def check(self, shared: bool = True) -> None:
+        """Raise CacheError unless the local store (and, with `shared`, the shared one) answers: for
+        commands that must not quietly act on part of the cache."""
+        for tier in ("local", "shared") if shared else ("local",):
+            backend = self._backend(tier)
+            if backend is not None:
+                try:
+                    backend.count()
+                except BackendUnavailable as e:
+                    raise CacheError(f"the {tier} tuning cache is unavailable: {e}") from None
+
     def close(self) -> None:
         for backend in (self.local, self.shared):
             if backend is not None:
@@ -197,6 +218,7 @@ class TuningCache:
             try:
                 return fn(backend)
             except BackendWriteError as e:
+                self.failures.setdefault(tier, str(e))
                 self._warn_once(("write", tier), f"not saving tuning results to the {tier} cache: {e}")
                 return default
             except BackendUnavailable as e:
@@ -205,6 +227,7 @@ class TuningCache:
 
     def _unavailable(self, tier: str, e: Exception) -> None:
         with self._lock:
+            self.failures.setdefault(tier, str(e))
             if tier == "shared":
                 if self.shared is None:
                     return

@@ -11,8 +11,8 @@ from adaptc.cli import main
 from tests.cache.cache_helpers import make_record
 
 
-def run(*args, env=None):
-    result = CliRunner().invoke(main, ["cache", *args], env=env, catch_exceptions=False)
+def run(*args, env=None, input=None):
+    result = CliRunner().invoke(main, ["cache", *args], env=env, input=input, catch_exceptions=False)
     return result
 
 
@@ -64,10 +64,15 @@ def test_bad_bundle_and_dead_server_are_clear_errors(tmp_path, dead_url):
     other.write_text('{"records": []}')
     assert "not an adaptc tuning bundle" in run("import", str(other)).output
     for scheme in ("redis", "postgresql"):
+        # The store the user named cannot be read: what could be read is shown, and the exit says it failed.
         dead = run("stats", "--url", dead_url(scheme), "--json")
-        assert dead.exit_code == 0 and "Traceback" not in dead.output
-        assert json.loads(dead.stdout)["records"] == 0  # stdout stays one JSON document
-        assert dead.stderr.count("warning:") == 1 and "unavailable" in dead.stderr and "secret" not in dead.output
+        assert dead.exit_code == 1 and "Traceback" not in dead.output
+        stats = json.loads(dead.stdout)  # stdout stays one JSON document
+        assert stats["records"] == 0 and "unreachable" in stats["shared"]["error"]
+        assert dead.stderr.count("warning:") == 1 and "Error: the shared tuning cache failed" in dead.stderr
+        assert "secret" not in dead.output
+        listed = run("list", "--url", dead_url(scheme))
+        assert listed.exit_code == 1 and "Error:" in listed.stderr and "secret" not in listed.output
 
 
 def _bundle(tmp_path, records, schema=None):
@@ -141,3 +146,107 @@ def test_an_imported_bundle_makes_compile_measure_nothing(tmp_path, monkeypatch)
     assert run("import", str(bundle)).exit_code == 0
     second = adaptc.report(adaptc.compile(model, example_inputs=(ids,), tune_trials=3))["tuning"]
     assert second["measured"] == 0 and second["cache_hits"] == len(first["kernels"])
+
+
+def test_export_never_writes_over_a_database_even_with_force(tmp_path, monkeypatch):
+    open_cache().put(make_record(0))
+    db = tmp_path / "adaptc-cache" / "tuning.db"  # the per-test local cache (tests/conftest.py)
+    before = db.read_bytes()
+    for target in (db, tmp_path / "adaptc-cache" / "tuning.db-wal"):
+        result = run("export", str(target), "--force")
+        assert result.exit_code == 1 and "refusing to export onto" in result.output and "Traceback" not in result.output
+    monkeypatch.chdir(db.parent)  # a relative path or a symlink names the same file
+    (tmp_path / "link.db").symlink_to(db)
+    for target in ("tuning.db", str(tmp_path / "link.db")):
+        assert "the tuning cache's database" in run("export", target, "--force").output
+    shared = tmp_path / "shared.db"
+    open_cache(f"sqlite:///{shared}").put(make_record(1))
+    assert "the tuning cache's database" in run("export", str(shared), "--force", "--url", f"sqlite:///{shared}").output
+    other = run("export", str(shared), "--force")  # any SQLite database, not only the cache's own
+    assert other.exit_code == 1 and "is an SQLite database" in other.output
+    assert db.read_bytes()[:16] == before[:16] == b"SQLite format 3\x00"
+    reset_default_cache()
+    assert [r.key for r in open_cache().scan().records] == [make_record(0).key]
+    assert [r.key for r in open_cache(f"sqlite:///{shared}").scan().records] == [make_record(1).key]
+
+
+@pytest.mark.parametrize("where", ["--url", "env"])
+@pytest.mark.parametrize("bad", ["garbage", "tuning.db", "redis://u:secret@h:notaport/0", "redis://u:secret@[::1/0",
+                                 "postgresql://u:secret@h:99999/db"])
+def test_a_bad_url_is_a_one_line_error(bad, where, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    args, env = (["--url", bad], None) if where == "--url" else ([], {"ADAPTC_CACHE_URL": bad})
+    for command in (["stats"], ["list"], ["clear", "--yes"]):
+        result = run(*command, *args, env=env)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+        assert "tuning cache URL" in result.output and "secret" not in result.output
+    assert sorted(tmp_path.iterdir()) == before  # no SQLite file named after the typo
+
+
+def test_a_password_in_the_query_string_is_never_printed(dead_url):
+    url = dead_url("postgresql").replace("adaptc:secret@", "adaptc@") + "?password=secret&sslmode=disable"
+    result = run("stats", "--url", url)
+    assert result.exit_code == 1 and "password=***" in result.output and "secret" not in result.output
+
+
+@pytest.mark.parametrize("scheme", ["redis", "postgresql"])
+def test_clear_and_import_fail_before_changing_anything_when_the_shared_cache_is_down(scheme, dead_url, tmp_path):
+    mine = make_record(0)
+    open_cache().put(mine)
+    bundle = _bundle(tmp_path, [make_record(1).to_dict()])
+    env = {"ADAPTC_CACHE_URL": dead_url(scheme)}
+    for command in (["clear", "--yes"], ["import", str(bundle)], ["export", str(tmp_path / "out.json")]):
+        result = run(*command, env=env)
+        assert result.exit_code == 1 and "nothing was changed" in result.stderr, (command, result.output)
+        assert "secret" not in result.output
+    assert not (tmp_path / "out.json").exists()
+    reset_default_cache()
+    assert [r.key for r in open_cache(url="").scan().records] == [mine.key]  # nothing removed, nothing added
+    local_only = run("clear", "--yes", "--local-only", env=env)  # the shared cache is not needed for this
+    assert local_only.exit_code == 0 and "removed 1 from local" in local_only.stdout
+
+
+def test_import_of_only_invalid_records_fails(tmp_path):
+    bundle = _bundle(tmp_path, [{"pickle": "gASV"}, make_record(1).to_dict() | {"schema": 99}])
+    text, as_json = run("import", str(bundle)), run("import", str(bundle), "--json")
+    for result in (text, as_json):
+        assert result.exit_code == 1 and "no valid records" in result.stderr and "all 2 were skipped" in result.stderr
+    assert "skipped invalid 2" in text.stdout and json.loads(as_json.stdout)["skipped_invalid"] == 2
+    assert run("import", str(_bundle(tmp_path, []))).exit_code == 0  # an empty bundle is not an error
+    valid = _bundle(tmp_path, [make_record(0).to_dict()])
+    assert run("import", str(valid)).exit_code == 0
+    assert run("import", str(valid)).exit_code == 0  # already present is not a failure either
+
+
+def test_a_kernel_filter_without_a_slash_matches_every_implementation(tmp_path):
+    cache = open_cache()
+    for i, kernel in enumerate(["fused_moe/cpu", "fused_moe/triton", "fused_moe_x/cpu", "attention/cpu"]):
+        cache.put(make_record(i, kernel=kernel))
+
+    def kernels(*args):
+        return sorted(r["key"]["kernel"] for r in json.loads(run("list", "--json", *args).stdout)["records"])
+    assert kernels("--kernel", "fused_moe") == ["fused_moe/cpu", "fused_moe/triton"]
+    assert kernels("--kernel", "fused_moe/cpu") == ["fused_moe/cpu"]
+    assert kernels("--kernel", "fused") == []
+    bundle = tmp_path / "moe.json"
+    assert run("export", str(bundle), "--kernel", "fused_moe").exit_code == 0
+    assert len(json.loads(bundle.read_text())["records"]) == 2
+
+
+def test_dash_means_stdout_and_stdin(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    open_cache().put(make_record(0))
+    exported = run("export", "-")
+    assert exported.exit_code == 0 and not (tmp_path / "-").exists()
+    assert len(json.loads(exported.stdout)["records"]) == 1  # stdout is the bundle alone
+    assert "exported 1 records to <stdout>" in exported.stderr
+    assert json.loads(run("export", "-", "--json").stdout)["records"]
+
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    imported = run("import", "-", "--url", other, input=exported.stdout)
+    assert imported.exit_code == 0 and "imported 1" in imported.stdout and "<stdin>" in imported.stdout
+    assert [r.key for r in open_cache(other).scan().records] == [make_record(0).key]
+    bad = run("import", "-", input="{not json")
+    assert bad.exit_code == 1 and "<stdin> is not a JSON tuning bundle" in bad.output

@@ -4,6 +4,7 @@ import pytest
 from tests.cache.cache_helpers import make_key, make_record
 
 from adaptc.cache import SCHEMA_VERSION, RecordError, RecordKey, Trial, TuningRecord
+from adaptc.cache.record import kernel_matches, redact_url
 
 
 def test_json_round_trip_keeps_every_field():
@@ -77,3 +78,29 @@ def test_a_failed_tuning_is_recorded_without_a_time():
     assert TuningRecord.from_json(record.to_json()) == record
     with pytest.raises(RecordError):
         Trial({"a": 1}, None, "ok")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://u:secret@h:6379/0", "redis://u:***@h:6379/0"),
+    ("redis://:secret@h/0", "redis://:***@h/0"),
+    ("postgresql://me@corp.com:secret@h/db", "postgresql://me@corp.com:***@h/db"),
+    ("postgresql://u@host/db?password=secret", "postgresql://u@host/db?password=***"),
+    ("postgresql://u@h/db?sslmode=require&sslpassword=secret&PGPASS=secret#x",
+     "postgresql://u@h/db?sslmode=require&sslpassword=***&PGPASS=***#x"),
+    ("redis://h/0?api_token=secret&client_secret=secret&db=1", "redis://h/0?api_token=***&client_secret=***&db=1"),
+    ("redis://u:secret@h:notaport/0", "redis://u:***@h:notaport/0"),  # malformed URLs are what errors quote
+    ("redis://u:secret@[::1/0", "redis://u:***@[::1/0"),
+    ("redis://u:sec@r/et@h/0", "redis://u:***@h/0"),  # an unescaped @ or / in the password
+    ("redis://u@h:6379/0", "redis://u@h:6379/0"),
+    ("sqlite:////data/a:b/tuning.db", "sqlite:////data/a:b/tuning.db"),
+    ("garbage", "garbage"),
+])
+def test_redact_url_hides_every_password(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_a_kernel_filter_names_a_kernel_or_one_implementation():
+    assert kernel_matches("fused_moe/cpu", "fused_moe") and kernel_matches("fused_moe/cpu", "fused_moe/cpu")
+    assert kernel_matches("fused_moe", "fused_moe")
+    assert not kernel_matches("fused_moe/cpu", "fused_moe/triton") and not kernel_matches("fused_moe_x/cpu", "fused_moe")
+    assert not kernel_matches("fused_moe/cpu", "fused")

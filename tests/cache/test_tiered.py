@@ -213,9 +213,47 @@ def test_threads_share_one_cache(tmp_path):
     assert errors == [] and cache.local.count() == 200
 
 
-def test_an_unknown_url_scheme(monkeypatch, cache_warnings):
+@pytest.mark.parametrize("url", ["mongodb://h/db", "garbage", "tuning.db", "./x/tuning.db"])
+def test_an_unknown_url_scheme(url, tmp_path, monkeypatch, cache_warnings):
     from adaptc.errors import CacheError
-    with pytest.raises(CacheError, match="unknown tuning cache URL"):
-        open_cache("mongodb://h/db")
-    monkeypatch.setenv("ADAPTC_CACHE_URL", "mongodb://h/db")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CacheError, match="unknown tuning cache URL"):  # a bare path is not a URL either
+        open_cache(url)
+    monkeypatch.setenv("ADAPTC_CACHE_URL", url)
     assert isinstance(default_cache(), TuningCache) and len(messages(cache_warnings)) == 1
+    default_cache().put(make_record(0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adaptc-cache"]  # no file named after the typo
+
+
+@pytest.mark.parametrize("url", ["redis://u:secret@h:notaport/0", "redis://u:secret@[::1/0",
+                                 "postgresql://u:secret@h:99999/db"])
+def test_a_malformed_url_is_a_cache_error_and_compile_goes_on(url, monkeypatch, cache_warnings):
+    from adaptc.errors import CacheError
+    with pytest.raises(CacheError, match="invalid tuning cache URL") as info:
+        open_cache(url)
+    assert "secret" not in str(info.value) and ":***@" in str(info.value)
+    monkeypatch.setenv("ADAPTC_CACHE_URL", url)
+    cache = default_cache()  # the compile path: one warning, the local cache
+    assert cache.shared is None and cache.get(make_key(0)) is None
+    warned = messages(cache_warnings)
+    assert len(warned) == 1 and "secret" not in warned[0]
+
+
+def test_a_redis_option_it_cannot_parse_degrades_like_a_dead_server(tmp_path, cache_warnings):
+    cache = open_cache("redis://u:secret@127.0.0.1:1/0?socket_timeout=soon", tmp_path)
+    assert cache.get(make_key(0)) is None
+    cache.put(make_record(0))
+    warned = messages(cache_warnings)
+    assert len(warned) == 1 and "socket_timeout" in warned[0] and "secret" not in warned[0]
+
+
+@pytest.mark.parametrize("scheme", ["redis", "postgresql"])
+def test_check_says_when_a_tier_is_down_and_failures_remember_it(scheme, dead_url, tmp_path, cache_warnings):
+    from adaptc.errors import CacheError
+    cache = open_cache(dead_url(scheme), tmp_path)
+    cache.check(shared=False)                     # the local file is fine
+    with pytest.raises(CacheError, match="the shared tuning cache is unavailable") as info:
+        cache.check()
+    assert "secret" not in str(info.value) and cache.failures == {} and messages(cache_warnings) == []
+    cache.put(make_record(0))                     # the compile path degrades, and the cache remembers why
+    assert list(cache.failures) == ["shared"] and len(messages(cache_warnings)) == 1
