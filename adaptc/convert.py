@@ -5,22 +5,26 @@
 
 Nothing is written unless the result matches the original: the original runs in onnxruntime with graph
 optimizations disabled, the result as users will run it (onnxruntime defaults), both on the same random
-(and calibration) inputs. The output file appears atomically; the input is never written.
+(and calibration) inputs. The output file (and its external data, if it needs any) appears atomically;
+the input, its external data and the calibration file are never written.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnx_ir as ir
 
 from .capture.onnx_capture import default_opset, load_onnx
-from .errors import CaptureError, VerificationError
+from .errors import AdaptcError, CaptureError, VerificationError
 from .passes.onnx import RULES, apply_rules
 from .passes.onnx.cleanup import cleanup, infer_shapes, prune, sort, upgrade_opset
 
@@ -44,14 +48,17 @@ class ConvertFailed(VerificationError):
 def convert(input_path: str | Path, output_path: str | Path, passes: list[str] | None = None,
             target: str = "standard", calibration: str | Path | None = None, verify: bool = True,
             measure_latency: bool = True, seed: int = 0, quality: float | None = None,
-            delta: float = 0.1) -> dict[str, Any]:
-    """Convert one ONNX file; returns the report. CaptureError: bad input. ConvertFailed: outputs differ.
-    `early_exit` in `passes` needs `calibration` and keeps agreement >= `quality` (default 0.99)."""
+            delta: float = 0.1, overwrite: bool = True) -> dict[str, Any]:
+    """Convert one ONNX file; returns the report. AdaptcError (CaptureError mostly): bad input or an
+    unwritable output. ConvertFailed: outputs differ. `early_exit` in `passes` needs `calibration` and
+    keeps agreement >= `quality` (default 0.99). `overwrite=False` refuses an existing output (as the
+    command does without --force); the input, its external data and `calibration` are never replaced."""
     t0 = time.perf_counter()
     src, dst = Path(input_path), Path(output_path)
     passes = list(PASSES if passes is None else passes)
-    _check_arguments(src, dst, passes, target, calibration)
+    _check_arguments(src, dst, passes, target, calibration, overwrite)
     model = load_onnx(src)
+    _refuse_inputs(dst, {path: "the input's external data" for path in _external_files(model)})
     original = _session(src, optimize=False, what="the input")
     rows = load_calibration(calibration, original)
     report: dict[str, Any] = {"input": str(src), "output": str(dst), "target": target, "passes": passes,
@@ -67,9 +74,8 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
                        "after": model.graph.num_nodes()}
     report["ops_after"] = _op_counts(model)
 
-    tmp = dst.with_name(f".{dst.name}.adaptc-partial")
-    try:
-        _save(model, tmp, dst)
+    with staged(dst, overwrite) as tmp:
+        _save(model, tmp)
         try:
             converted = _session(tmp, optimize=True, what="the converted model")
         except CaptureError as e:  # our rewrite broke the graph: a failed conversion, not a bad input
@@ -84,19 +90,16 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
         else:
             report["verification"] = {"ok": None, "skipped": "--no-verify"}
         if "early_exit" in passes:
-            report["early_exit"] = _early_exit(model, original, rows, quality, delta, seed, tmp, dst)
+            report["early_exit"] = _early_exit(model, original, rows, quality, delta, seed, tmp)
         if measure_latency:
             report["latency_ms"] = _latency(src, tmp, [feeds[0]])
             if report.get("early_exit", {}).get("status") == "applied":  # exits pay off on real rows, one at a time
                 report["early_exit"]["latency_ms"] = _latency(src, tmp, _single_rows(rows, 64))
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
 
 
-def _check_arguments(src: Path, dst: Path, passes: list[str], target: str, calibration) -> None:
+def _check_arguments(src: Path, dst: Path, passes: list[str], target: str, calibration, overwrite: bool) -> None:
     if target not in TARGETS:
         raise CaptureError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     for name in passes:
@@ -105,10 +108,41 @@ def _check_arguments(src: Path, dst: Path, passes: list[str], target: str, calib
         if name in APPROXIMATE_PASSES and calibration is None:
             raise CaptureError(f"pass {name!r} is approximate: it needs --calibration FILE (an .npz of input rows "
                                "named after the model's inputs) to fit and certify its exits")
-    if src.resolve() == dst.resolve() or (dst.exists() and src.exists() and os.path.samefile(src, dst)):
-        raise CaptureError(f"-o {dst} is the input file; adaptc never overwrites its input")
-    if not dst.parent.exists():
-        raise CaptureError(f"{dst.parent}: output directory does not exist")
+    inputs = {src: "the input file", **({Path(calibration): "the calibration file"} if calibration else {})}
+    check_output(dst, overwrite, inputs)
+
+
+def check_output(dst: Path, overwrite: bool, inputs: dict[Path, str]) -> None:
+    """Fail fast, before any work, on an output path that cannot or must not be written."""
+    if dst.name in ("", ".", ".."):
+        raise AdaptcError("-o needs a file name" + (f", not {str(dst)!r}" if dst.name else ""))
+    if dst.is_dir():
+        raise AdaptcError(f"{dst} is a directory; give a file name")
+    folder = next((p for p in dst.parents if p.exists()), None)  # the missing ones are created
+    if folder is not None and not folder.is_dir():
+        raise AdaptcError(f"cannot write {dst}: {folder} is not a directory")
+    _refuse_inputs(dst, inputs)
+    if dst.exists() and not overwrite:
+        raise AdaptcError(f"{dst} exists; pass --force to replace it")
+
+
+def _refuse_inputs(dst: Path, inputs: dict[Path, str]) -> None:
+    """Neither the output nor the external data written beside it may be one of `inputs`, even with --force."""
+    for target in (dst, _data_file(dst)):
+        for path, what in inputs.items():
+            if _same_file(target, path):
+                where = f"-o {dst}" if target == dst else f"{target} (where -o {dst} keeps its weights)"
+                raise CaptureError(f"{where} is {what}; adaptc never overwrites its input")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
+def _external_files(model: ir.Model) -> set[Path]:
+    graphs = [model.graph, *model.graph.subgraphs()]
+    return {Path(v.const_value.path) for g in graphs for v in g.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
 
 
 def _rewrite(model: ir.Model, passes: list[str], target: str, report: dict[str, Any]):
@@ -187,7 +221,7 @@ def _index_bound(model: ir.Model, name: str) -> int:
 
 
 def _early_exit(model: ir.Model, original, rows: dict[str, np.ndarray], quality: float | None, delta: float,
-                seed: int, tmp: Path, dst: Path) -> dict[str, Any]:
+                seed: int, tmp: Path) -> dict[str, Any]:
     """Insert calibrated exits; keep them only if the written model, run by onnxruntime one row at a
     time, still agrees with the original on the calibration rows at least `quality` of the time (else
     they are rolled back: `tmp` keeps the model without them)."""
@@ -196,18 +230,19 @@ def _early_exit(model: ir.Model, original, rows: dict[str, np.ndarray], quality:
     ee = insert_exits(model, original, rows, quality=quality, delta=delta, seed=seed, progress=sys.stderr.isatty())
     if ee["status"] != "applied":
         return ee
-    attempt = tmp.with_name(f"{tmp.name}.exits")
+    attempt = tmp.parent / "exits" / tmp.name  # its own folder: its external data must not replace tmp's yet
     try:
-        _save(model, attempt, dst)
+        attempt.parent.mkdir()
+        _save(model, attempt)
         session = _session(attempt, optimize=True, what="the model with exits")
         ee["runtime_agreement"] = runtime_agreement(original, session, rows, ee)
         if ee["runtime_agreement"]["batch1"] < ee["quality"]:
             ee.update(status="rolled_back", reason=f"onnxruntime agreement {ee['runtime_agreement']['batch1']:.4f} "
                                                     f"< quality {ee['quality']} on the calibration rows at batch 1")
         else:  # `tmp` keeps the exact model otherwise
-            os.replace(attempt, tmp)
+            _move_files(attempt, tmp)
     finally:
-        attempt.unlink(missing_ok=True)
+        shutil.rmtree(attempt.parent, ignore_errors=True)
     return ee
 
 
@@ -221,23 +256,63 @@ def _single_rows(rows: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarr
 
 
 def load_calibration(path: str | Path | None, session) -> dict[str, np.ndarray]:
-    """An .npz whose arrays are named after the model's inputs, one row per sample ({} without a file)."""
+    """An .npz whose arrays are named after the model's inputs, one row per sample ({} without a file);
+    each array must have its input's dtype, rank and fixed sizes, so that onnxruntime can run it."""
     if path is None:
         return {}
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise CaptureError(f"{path}: no such file") from None
+    except Exception:  # numpy's own message suggests allow_pickle=True, which would run code from the file
+        data = None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise CaptureError(f"{path}: not an .npz of arrays (write one with numpy.savez(path, input_name=rows, ...))")
+    try:
+        with data:
             arrays = {k: data[k] for k in data.files}
-    except Exception as e:
-        raise CaptureError(f"{path}: not a readable .npz of input batches ({str(e).splitlines()[0][:200]})") from None
-    names = [i.name for i in session.get_inputs()]
-    missing = [n for n in names if n not in arrays]
+    except Exception:  # a pickled object array or a damaged member
+        raise CaptureError(f"{path}: not an .npz of plain arrays (a member is damaged or holds objects)") from None
+    inputs = session.get_inputs()
+    missing = [i.name for i in inputs if i.name not in arrays]
     if missing:
         raise CaptureError(f"{path}: calibration data lacks inputs {missing}; it has {sorted(arrays)}")
-    rows = {n: arrays[n] for n in names}
+    rows = {i.name: arrays[i.name] for i in inputs}
+    for info in inputs:
+        a, dtype = rows[info.name], _NUMPY.get(info.type)
+        if a.dtype != dtype or a.ndim != len(info.shape) or a.ndim == 0:
+            raise CaptureError(f"{path}: calibration array {info.name!r} is {a.dtype} {list(a.shape)}; the input takes "
+                               f"{np.dtype(dtype).name if dtype else info.type} of rank {len(info.shape)} "
+                               f"{_dims(info.shape)}, one row per sample along the first axis")
     if len({len(a) for a in rows.values()}) != 1:
         raise CaptureError(f"{path}: calibration arrays have different row counts "
                            f"{ {n: len(a) for n, a in rows.items()} }")
+    if len(next(iter(rows.values()))) == 0:
+        raise CaptureError(f"{path}: calibration arrays have 0 rows")
+    sizes: dict[str, tuple[int, str]] = {}  # a named size (past the rows axis), as the first input with it sets it
+    for info in inputs:
+        shape = rows[info.name].shape
+        for axis, (want, got) in enumerate(zip(info.shape, shape)):
+            if isinstance(want, str) and axis:
+                size, first = sizes.setdefault(want, (got, info.name))
+                expected = f"{size} ({want}, as in {first!r})"
+            elif isinstance(want, int) and want > 0:
+                size, expected = want, str(want)
+            else:
+                continue
+            if got != size:
+                raise CaptureError(f"{path}: calibration array {info.name!r} has shape {list(shape)}; the input is "
+                                   f"{_dims(info.shape)}, so axis {axis} must be {expected}")
+    try:  # anything else onnxruntime objects to (token ids past the vocabulary, say), said now and in one line
+        session.run(None, _first(rows, VERIFY_BATCH * 4))
+    except Exception as e:
+        line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise CaptureError(f"{path}: onnxruntime cannot run the input on the calibration rows: {line[:300]}") from None
     return rows
+
+
+def _dims(shape: list) -> str:
+    return f"[{', '.join('?' if d is None else str(d) for d in shape)}]"
 
 
 def compare_sessions(original, converted, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -288,12 +363,52 @@ def _latency(src: Path, converted: Path, feeds: list[dict[str, np.ndarray]], run
             "inputs": {k: list(v.shape) for k, v in feeds[0].items()}, "runs_of": len(feeds)}
 
 
-def _save(model: ir.Model, tmp: Path, dst: Path) -> None:
+def _data_file(path: Path) -> Path:
+    """Where a model too large for one protobuf keeps its weights: beside it, named after it."""
+    return path.with_name(f"{path.name}.data")
+
+
+def _save(model: ir.Model, path: Path) -> None:
+    """Write `model` so that it owns its weights: an input's external data is copied, never referred to."""
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    if size > EXTERNAL_DATA_ABOVE:  # beside the output, under the output's final name
-        ir.save(model, tmp, external_data=f"{dst.name}.data")
-    else:
-        ir.save(model, tmp)
+    try:
+        if size > EXTERNAL_DATA_ABOVE:
+            ir.save(model, path, external_data=_data_file(path).name)
+        else:
+            ir.save(ir.external_data.load_to_model(model), path)
+    except OSError as e:
+        raise AdaptcError(f"cannot write {path.name}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def staged(dst: Path, overwrite: bool) -> Iterator[Path]:
+    """A path named like `dst` in a fresh hidden folder beside it. If the block succeeds, the file written
+    there (and its external data) replace `dst` (and its external data), data first; either way the
+    folder goes, so a failure leaves nothing behind and never touches what was at `dst`."""
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".adaptc-partial", dir=dst.parent))
+    except OSError as e:
+        raise AdaptcError(f"cannot write {dst}: {e.strerror or e}") from None
+    try:
+        yield stage / dst.name
+        _move_files(stage / dst.name, dst, overwrite)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _move_files(src: Path, dst: Path, overwrite: bool = True) -> None:
+    """Move the model at `src` and its external data, if any, to `dst` (the same file system)."""
+    moves = [(f, _data_file(dst)) for f in [_data_file(src)] if f.exists()] + [(src, dst)]
+    if not overwrite:  # checked up front too; this catches a file that appeared since
+        for _, target in moves:
+            if target.exists():
+                raise AdaptcError(f"{target} exists; pass --force to replace it")
+    try:
+        for f, target in moves:
+            os.replace(f, target)
+    except OSError as e:
+        raise AdaptcError(f"cannot write {dst}: {e.strerror or e}") from None
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:

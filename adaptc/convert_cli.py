@@ -1,25 +1,32 @@
 """`adaptc convert IN.onnx -o OUT.onnx`: ONNX in, faster ONNX out, verified in onnxruntime.
 
 Exit codes: 0 converted and verified; 1 the result did not match the original (nothing written);
-2 bad input or arguments (one line on stderr naming the problem).
+2 bad input or arguments. Either failure ends with one `Error: ...` line on stderr naming the problem.
 """
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
 
-from .errors import CaptureError, VerificationError
+from .errors import AdaptcError, VerificationError
 
 EXIT_MISMATCH, EXIT_BAD_INPUT = 1, 2
+
+
+class BadInput(click.ClickException):
+    """Printed by click as `Error: ...`, with exit code 2 like click's own usage errors."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 @click.command("convert")
 @click.argument("input_path", metavar="IN.onnx", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the converted model (never the input).")
+              help="Where to write the converted model (never the input, its external data or the calibration file); "
+                   "a model over 2 GB keeps its weights beside it in OUT.onnx.data.")
+@click.option("--force", is_flag=True, help="Replace OUT.onnx if it exists.")
 @click.option("--passes", default="attention,moe", show_default=True,
               help="Comma-separated rewrites: attention (MatMul/Softmax/MatMul → one attention op), "
                    "moe (router TopK → gathered expert MatMuls → one MoE op, or per-expert MatMuls), "
@@ -36,7 +43,7 @@ EXIT_MISMATCH, EXIT_BAD_INPUT = 1, 2
               help="early_exit: the guarantee holds with probability >= 1 - delta over the calibration draw.")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with the original (not recommended).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document instead of a table.")
-def convert_command(input_path: str, output_path: str, passes: str, target: str, calibration: str | None,
+def convert_command(input_path: str, output_path: str, force: bool, passes: str, target: str, calibration: str | None,
                     quality: float | None, delta: float, no_verify: bool, as_json: bool) -> None:
     """Convert IN.onnx into a faster, equivalent ONNX model.
 
@@ -62,30 +69,24 @@ def convert_command(input_path: str, output_path: str, passes: str, target: str,
     names = [p.strip() for p in passes.split(",") if p.strip()]
     try:
         report = convert(input_path, output_path, passes=names, target=target, calibration=calibration,
-                         verify=not no_verify, quality=quality, delta=delta)
+                         verify=not no_verify, quality=quality, delta=delta, overwrite=force)
     except ConvertFailed as e:
-        _emit(e.report, as_json, failed=str(e))
-        sys.exit(EXIT_MISMATCH)
-    except CaptureError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        _emit({**e.report, "error": str(e)}, as_json)
+        raise click.ClickException(str(e)) from None
     except VerificationError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_MISMATCH)
+        raise click.ClickException(str(e)) from None
+    except AdaptcError as e:
+        raise BadInput(str(e)) from None
     _emit(report, as_json)
 
 
-def _emit(report: dict[str, Any], as_json: bool, failed: str | None = None) -> None:
-    if failed:
-        report = {**report, "error": failed}
+def _emit(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
         from rich.console import Console
 
         Console().print(render(report))
-    if failed:
-        click.echo(f"error: {failed}", err=True)
 
 
 def render(report: dict[str, Any]):
@@ -144,9 +145,10 @@ def _render_exits(ee: dict[str, Any]):
 @click.command("export")
 @click.argument("module_path", metavar="MODULE.adaptc", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
-              help="Where to write the ONNX model.")
+              help="Where to write the ONNX model (never the input).")
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
-def export_command(module_path: str, output_path: str, as_json: bool) -> None:
+def export_command(module_path: str, output_path: str, force: bool, as_json: bool) -> None:
     """Write a module saved by adaptc.save to ONNX (opset 23), verified in onnxruntime.
 
     Whole-graph captures only (encoders, pure functions); adaptc::attention becomes ONNX Attention and
@@ -159,20 +161,16 @@ def export_command(module_path: str, output_path: str, as_json: bool) -> None:
     from pathlib import Path
 
     from . import load
-    from .errors import AdaptcError
+    from .convert import check_output
     from .export import export_onnx
 
-    if Path(module_path).resolve() == Path(output_path).resolve():
-        click.echo(f"error: -o {output_path} is the input file", err=True)
-        sys.exit(EXIT_BAD_INPUT)
     try:
-        report = export_onnx(load(module_path), None, output_path)
+        check_output(Path(output_path), force, {Path(module_path): "the input file"})  # before the slow load
+        report = export_onnx(load(module_path), None, output_path, overwrite=force)
     except VerificationError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_MISMATCH)
-    except (AdaptcError, OSError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        raise click.ClickException(str(e)) from None
+    except AdaptcError as e:
+        raise BadInput(str(e)) from None
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:

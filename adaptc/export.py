@@ -39,15 +39,17 @@ def onnx_translations() -> dict[Any, Any]:
 
 
 def export_onnx(module: torch.nn.Module, example_inputs: Any = None, path: str | os.PathLike = "model.onnx",
-                verify: bool = True, tolerance: float = 1e-4) -> dict[str, Any]:
+                verify: bool = True, tolerance: float = 1e-4, overwrite: bool = True) -> dict[str, Any]:
     """Write `module` (from adaptc.compile/load, captured as one graph) to ONNX at `path`; returns a report.
 
     example_inputs: a tuple of positional arguments or a dict of keyword arguments; None uses the ones the
     exported program was captured with. Sizes the program kept symbolic stay dynamic in the ONNX file.
     Raises CaptureError when the module is not one graph or calls an op without an ONNX form, and
     VerificationError when onnxruntime's outputs differ by more than `tolerance` (relative to the
-    largest output magnitude); nothing is written then.
+    largest output magnitude); nothing is written then. `overwrite=False` refuses
+    an existing file at `path` (as `adaptc export` does without --force); a missing folder is created.
     """
+    from .convert import check_output, staged
     from .runtime.module import state_of
 
     try:
@@ -70,8 +72,7 @@ def export_onnx(module: torch.nn.Module, example_inputs: Any = None, path: str |
                            "the pass that introduced it")
     args, kwargs = _split_inputs(example_inputs, program)
     dst = Path(path)
-    if not dst.parent.exists():
-        raise CaptureError(f"{dst.parent}: output directory does not exist")
+    check_output(dst, overwrite, {})
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
@@ -86,18 +87,17 @@ def export_onnx(module: torch.nn.Module, example_inputs: Any = None, path: str |
     report: dict[str, Any] = {"path": str(dst), "opset": OPSET,
                               "adaptc_ops": {_op_name(t): n for t, n in used.items()},
                               "onnx_ops": dict(Counter(n.op_type for n in onnx_program.model.graph.all_nodes()).most_common())}
-    tmp = dst.with_name(f".{dst.name}.adaptc-partial")
-    try:
-        onnx_program.save(str(tmp), external_data=_weights_bytes(program) > 1_800_000_000)
+    with staged(dst, overwrite) as tmp:  # a large model's external data is named after `tmp`, so after `dst`
+        try:
+            onnx_program.save(str(tmp), external_data=_weights_bytes(program) > 1_800_000_000)
+        except OSError as e:
+            raise AdaptcError(f"cannot write {dst}: {e.strerror or e}") from None
         if verify:
             report["verification"] = _verify(module, tmp, args, kwargs, tolerance)
             if not report["verification"]["ok"]:
                 worst = report["verification"]["worst"]
                 raise VerificationError(f"the ONNX file differs from the compiled module: output {worst['output']} by "
                                         f"rel {worst['max_rel']:.3g} > {tolerance:.0e}; nothing written")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return report
 
 

@@ -7,8 +7,10 @@ class is looked up by name in `transformers` and must be a PreTrainedModel: noth
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -70,16 +72,20 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
     try:
         with zipfile.ZipFile(path) as zf:
             manifest = json.loads(zf.read("manifest.json"))
+            if not isinstance(manifest, dict):
+                raise SaveLoadError(f"{path}: manifest.json is not a JSON object (not a file adaptc.save wrote)")
             if manifest.get("format") != "adaptc" or manifest.get("format_version") != FORMAT_VERSION:
                 raise SaveLoadError(f"{path}: format version {manifest.get('format_version')} "
                                     f"(this adaptc reads {FORMAT_VERSION})")
+            state = CompiledState(manifest["report"], manifest["plan"], manifest["config"])
             kind = manifest.get("kind")
             if kind == "exported_program":
-                program = torch.export.load(io.BytesIO(zf.read("program.pt2")))
+                program = _read_member(path, zf, "program.pt2", torch.export.load, "a torch.export.save archive")
                 module: nn.Module = CompiledModule(program.module(), signature=None)
                 module._program = program
             elif kind == "hf_blocks":
-                weights = torch.load(io.BytesIO(zf.read("weights.pt")), map_location=map_location, weights_only=True)
+                read = functools.partial(torch.load, map_location=map_location, weights_only=True)
+                weights = _read_member(path, zf, "weights.pt", read, "tensors written by torch.save")
                 module = _rebuild_hf(manifest, weights)
             else:
                 raise SaveLoadError(f"{path}: unknown kind {kind!r}")
@@ -87,9 +93,27 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
         raise
     except FileNotFoundError:
         raise SaveLoadError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise SaveLoadError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, RuntimeError, ValueError) as exc:
         raise SaveLoadError(f"{path}: not a readable adaptc file ({type(exc).__name__}: {exc})") from None
-    return attach(module, CompiledState(manifest["report"], manifest["plan"], manifest["config"]))
+    return attach(module, state)
+
+
+def _read_member(path: str | os.PathLike, zf: zipfile.ZipFile, name: str, read: Any, what: str) -> Any:
+    """`read` applied to member `name`; whatever it raises on damaged bytes becomes one line naming the
+    member. torch's own messages are left out: they suggest weights_only=False, which would run code from
+    the file, and torch.export logs a traceback first (silenced here)."""
+    data = zf.read(name)
+    log = logging.getLogger("torch.export")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        return read(io.BytesIO(data))
+    except Exception as exc:
+        raise SaveLoadError(f"{path}: {name} inside it is damaged or not {what} ({type(exc).__name__})") from None
+    finally:
+        log.setLevel(level)
 
 
 def _is_hf_model(module: nn.Module) -> bool:

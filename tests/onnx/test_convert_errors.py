@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
+import adaptc.convert
 from adaptc.cli import main
 
 from .test_attention_rule import B, H, D, S, eager_attention_graph
@@ -28,10 +31,11 @@ def good_model(tmp_path):
 def assert_one_line_error(result, code, *words):
     assert result.exit_code == code, result.output
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     for word in words:
         assert word in lines[0], lines[0]
     assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # CliRunner keeps a traceback's exception
 
 
 def test_help_explains_the_command():
@@ -105,10 +109,152 @@ def test_bad_pass_names(good_model, tmp_path, passes, words):
     assert_one_line_error(convert(good_model, "-o", tmp_path / "o.onnx", "--passes", passes), 2, words)
 
 
-def test_unreadable_calibration(good_model, tmp_path):
+@pytest.mark.parametrize("content", [b"nope", bytes(range(256)) * 8, "npy"])
+def test_unreadable_calibration(good_model, tmp_path, content):
     bad = tmp_path / "cal.npz"
-    bad.write_text("nope")
-    assert_one_line_error(convert(good_model, "-o", tmp_path / "o.onnx", "--calibration", bad), 2, "cal.npz")
+    if content == "npy":  # one unnamed array
+        with open(bad, "wb") as f:
+            np.save(f, np.zeros((B, S, H * D), np.float32))
+    else:
+        bad.write_bytes(content)
+    result = convert(good_model, "-o", tmp_path / "o.onnx", "--calibration", bad)
+    assert_one_line_error(result, 2, "cal.npz", "not an .npz of arrays")
+    assert "allow_pickle" not in result.output  # numpy's advice would run code from the file
+
+
+def calibration_rows(rows=B, seq=S, dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return {**{n: rng.standard_normal((rows, seq, H * D)).astype(dtype) for n in "qkv"},
+            "mask": np.zeros((rows, 1, 1, seq), np.float32)}
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"q": np.zeros((B, S, H * D), np.float64)}, ["'q' is float64", "float32 of rank 3"]),
+    ({"k": np.zeros((B, H * D), np.float32)}, ["'k' is float32 [2, 32]", "rank 3 [b, s, 32]"]),
+    ({"v": np.zeros((B, S, 5), np.float32)}, ["'v' has shape [2, 7, 5]", "axis 2 must be 32"]),
+    ({"mask": np.zeros((B, 1, 1, S + 1), np.float32)},
+     ["'mask' has shape [2, 1, 1, 8]", "axis 3 must be 7 (s, as in 'q')"]),
+    (calibration_rows(rows=0), ["0 rows"]),
+])
+def test_calibration_is_checked_against_the_inputs(good_model, tmp_path, change, words):
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, **{**calibration_rows(), **change})
+    out = tmp_path / "o.onnx"
+    assert_one_line_error(convert(good_model, "-o", out, "--calibration", cal), 2, "cal.npz", *words)
+    assert not out.exists()
+
+
+def test_calibration_onnxruntime_rejects_is_one_line(tmp_path):
+    """Token ids past the embedding table: right dtype and shape, but onnxruntime's Gather refuses them."""
+    table = numpy_helper.from_array(np.zeros((10, 4), np.float32), "table")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["y"])], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 3, 4])], [table])
+    path = tmp_path / "embed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    cal = tmp_path / "ids.npz"
+    np.savez(cal, ids=np.full((2, 3), 99, np.int64))
+    assert_one_line_error(convert(path, "-o", tmp_path / "o.onnx", "--calibration", cal), 2,
+                          "ids.npz", "onnxruntime cannot run the input on the calibration rows")
+
+
+def mlp_graph(location="mlp.data"):
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("w", (16, 16)), ("bias", (16,)))]
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "bias"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", f, ["b", 16])],
+                              [helper.make_tensor_value_info("y", f, ["b", 16])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def ext_model(tmp_path):
+    """A model whose weights live in an external-data file beside it, as large exports do."""
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / "mlp_ext.onnx"
+    onnx.save(mlp_graph(), path, save_as_external_data=True, location="mlp_ext.data", size_threshold=0)
+    return path, tmp_path / "in" / "mlp_ext.data"
+
+
+def digests(*paths):
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
+
+
+def test_inputs_are_never_replaced_even_with_force(ext_model, tmp_path):
+    src, data = ext_model
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=np.ones((3, 16), np.float32))
+    before = digests(src, data, cal)
+    for out, words in ((data, "is the input's external data"), (src.parent / "mlp_ext", "where -o"),
+                       (cal, "is the calibration file")):
+        result = convert(src, "-o", out, "--calibration", cal, "--force")
+        assert_one_line_error(result, 2, "adaptc never overwrites its input", words)
+    assert digests(src, data, cal) == before
+
+
+@pytest.mark.parametrize("where", ["in", "elsewhere"])
+def test_output_owns_its_weights(ext_model, tmp_path, where):
+    src, data = ext_model
+    out = tmp_path / where / "mlp.fast.onnx"
+    result = convert(src, "-o", out)
+    assert result.exit_code == 0, result.output
+    written = onnx.load(out, load_external_data=False)
+    assert not any(t.data_location == TensorProto.EXTERNAL for t in written.graph.initializer)
+    data.rename(tmp_path / "moved.data")  # the output still runs without the input's weight file
+    x = np.ones((2, 16), np.float32)
+    y = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    w, bias = (numpy_helper.to_array(t) for t in mlp_graph().graph.initializer)
+    np.testing.assert_allclose(y, x @ w + bias, rtol=1e-5)
+
+
+def test_large_output_keeps_its_weights_beside_it(ext_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(adaptc.convert, "EXTERNAL_DATA_ABOVE", 0)  # as if over protobuf's 2 GB
+    src, data = ext_model
+    before = digests(data)
+    out = tmp_path / "out" / "mlp.fast.onnx"
+    result = convert(src, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert digests(data) == before
+    assert sorted(os.listdir(out.parent)) == ["mlp.fast.onnx", "mlp.fast.onnx.data"]
+    locations = {e.value for t in onnx.load(out, load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    assert locations == {"mlp.fast.onnx.data"}
+    data.unlink()
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 16), np.float32)})
+
+
+def test_existing_output_needs_force(good_model, tmp_path):
+    out = tmp_path / "o.onnx"
+    out.write_text("keep me")
+    assert_one_line_error(convert(good_model, "-o", out), 2, "o.onnx exists; pass --force to replace it")
+    assert out.read_text() == "keep me"
+    assert convert(good_model, "-o", out, "--force").exit_code == 0
+    onnx.checker.check_model(onnx.load(out))
+
+
+def test_output_paths_that_cannot_be_written(good_model, tmp_path):
+    assert_one_line_error(convert(good_model, "-o", ""), 2, "-o needs a file name")
+    (tmp_path / "notes").write_text("a file, not a directory")
+    assert_one_line_error(convert(good_model, "-o", tmp_path / "notes" / "o.onnx"), 2, "cannot write",
+                          "is not a directory")
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_read_only_output_directory(good_model, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes into read-only directories: fail as a user would
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(locked))
+        monkeypatch.setattr(adaptc.convert.tempfile, "mkdtemp", refuse)
+    assert_one_line_error(convert(good_model, "-o", locked / "o.onnx"), 2, "cannot write", "Permission denied")
+
+
+def test_missing_output_directory_is_created(good_model, tmp_path):
+    out = tmp_path / "new" / "dir" / "o.onnx"
+    assert convert(good_model, "-o", out).exit_code == 0 and out.exists()
 
 
 def test_mismatch_fails_with_exit_1_and_writes_nothing(good_model, tmp_path):

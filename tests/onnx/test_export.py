@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import warnings
+import zipfile
 
 import numpy as np
 import onnx_ir as ir
@@ -17,6 +18,7 @@ from adaptc.errors import AdaptcError, CaptureError
 from adaptc.runtime.module import CompiledModule, CompiledState, attach
 
 from ..moe_models import UserMoEModel, hf_causal_lm
+from .test_convert_errors import assert_one_line_error
 
 
 def onnx_run(path, *inputs):
@@ -160,3 +162,79 @@ def test_op_without_an_onnx_form_is_refused(tmp_path):
 def test_a_plain_module_is_refused(tmp_path):
     with pytest.raises(AdaptcError, match="adaptc.compile or adaptc.load"):
         adaptc.export_onnx(torch.nn.Linear(3, 3), (torch.randn(2, 3),), tmp_path / "linear.onnx")
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A small module as adaptc.save writes it (whole graph, no adaptc ops)."""
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.adaptc"
+    adaptc.save(compiled_program(TinyNet().eval(), (torch.randn(2, 4),)), path)
+    return path
+
+
+def export(*args):
+    return CliRunner().invoke(main, ["export", *map(str, args)])
+
+
+def test_export_needs_force_to_replace_a_file(saved, tmp_path):
+    out = tmp_path / "tiny.onnx"
+    out.write_text("keep me")
+    assert_one_line_error(export(saved, "-o", out), 2, "tiny.onnx exists; pass --force to replace it")
+    assert out.read_text() == "keep me"
+    assert export(saved, "-o", out, "--force").exit_code == 0
+    assert onnx_run(out, torch.randn(2, 4))[0].shape == (2, 3)
+
+
+def test_export_output_paths(saved, tmp_path):
+    assert_one_line_error(export(saved, "-o", ""), 2, "-o needs a file name")
+    assert_one_line_error(export(saved, "-o", saved, "--force"), 2, "is the input file")
+    (tmp_path / "notes").write_text("a file, not a directory")
+    assert_one_line_error(export(saved, "-o", tmp_path / "notes" / "x.onnx"), 2, "cannot write", "is not a directory")
+    out = tmp_path / "new" / "dir" / "tiny.onnx"  # a missing directory is created, as convert does
+    assert export(saved, "-o", out).exit_code == 0 and out.exists()
+    assert not list(tmp_path.rglob(".*partial"))
+
+
+def rewrite_member(path, name, data, **manifest_changes):
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    members["manifest.json"] = json.dumps({**json.loads(members["manifest.json"]), **manifest_changes})
+    members[name] = data
+    with zipfile.ZipFile(path, "w") as zf:
+        for n, d in members.items():
+            zf.writestr(n, d)
+
+
+@pytest.mark.parametrize("name,data,changes,words", [
+    ("manifest.json", "[1, 2]", {}, "manifest.json is not a JSON object"),
+    ("manifest.json", json.dumps({"format": "adaptc", "format_version": 1}), {}, "KeyError: 'report'"),
+    ("program.pt2", b"garbage" * 20, {}, "program.pt2 inside it is damaged"),
+    ("weights.pt", b"garbage" * 20, {"kind": "hf_blocks"}, "weights.pt inside it is damaged"),
+    ("weights.pt", b"", {"kind": "hf_blocks"}, "weights.pt inside it is damaged"),
+])
+def test_malformed_adaptc_file_is_one_line(saved, tmp_path, name, data, changes, words):
+    import logging
+
+    rewrite_member(saved, name, data, **changes)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    logging.getLogger("torch.export").addHandler(handler)  # torch.export logs a traceback before raising
+    try:
+        result = export(saved, "-o", tmp_path / "x.onnx")
+    finally:
+        logging.getLogger("torch.export").removeHandler(handler)
+    assert_one_line_error(result, 2, "tiny.adaptc", words)
+    assert "weights_only" not in result.output  # torch's advice would run code from the file
+    assert not [r for r in logged if r.exc_info], logged
+    assert not (tmp_path / "x.onnx").exists()
