@@ -56,6 +56,7 @@ def save(module: nn.Module, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w") as zf:
+            os.fchmod(fh.fileno(), 0o644)  # mkstemp's 0600 would keep the file from the people it is for
             zf.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
             for name, data in files.items():
                 zf.writestr(name, data)

@@ -34,6 +34,7 @@ def test_truncated_file_and_no_overwrite_on_failure(tmp_path):
     fast = adaptc.compile(model, example_inputs=(torch.randn(2, 3),))
     p = tmp_path / "m.adaptc"
     adaptc.save(fast, p)
+    assert p.stat().st_mode & 0o777 == 0o644  # readable by others, like any file a tool writes
     data = p.read_bytes()
     (tmp_path / "t.adaptc").write_bytes(data[: len(data) // 2])
     with pytest.raises(adaptc.SaveLoadError):
