@@ -7,16 +7,18 @@ such and never chosen. Ties break on the config's JSON, so the same trials alway
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import random
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -30,6 +32,7 @@ from .timing import median_seconds
 STRATEGIES = ("model+tpe", "tpe", "random", "exhaustive")
 PRUNE_MIN_PROBLEMS = 8  # a cost model trained on fewer problems orders the search but prunes nothing
 STORAGE_SCHEMES = ("postgresql", "postgres", "redis", "rediss", "unix", "sqlite")
+CLAIM_LEASE_S = 60.0  # a claim on a config not renewed for this long belongs to a worker that died
 STUCK_AFTER = 3  # sampler proposals in a row of configs with a result before the search picks one itself
 
 
@@ -212,7 +215,13 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
                 done[key] = state[0]
         repeats = repeats + 1 if key in done else 0
         if key not in done:
-            result = measure(config)
+            try:
+                with _holding(trial) if storage is not None else contextlib.nullcontext():
+                    result = measure(config)
+            except BaseException:  # Ctrl-C, say: free the claim, or no worker would measure this config
+                if storage is not None:
+                    study.tell(trial, state=TrialState.PRUNED)
+                raise
             trial.set_user_attr("measured", True)
             trials.append(result)
             if on_trial:
@@ -228,23 +237,43 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
 
 def _shared_state(study: Any, trial: Any, config: dict[str, Any]) -> tuple[float | None] | str | None:
     """Claim `config` for this worker: (value,) when some worker finished it (None if it failed),
-    "running" when another worker has claimed it, None when this worker should measure it.
+    "running" when another worker holds a claim on it, None when this worker should measure it.
 
     Claims are marks on the trial: set ours first, then read every other trial of this config in one
     snapshot. Two workers racing for one config cannot both miss each other's mark, and a worker that
     finished in between shows up as finished, not as gone, so at most one measures it (at worst
-    neither does, and it is sampled again later)."""
+    neither does, and it is sampled again later). A claim is a time, renewed while its worker measures
+    (`_holding`): one older than CLAIM_LEASE_S is a dead worker's, and the config is free again."""
     from optuna.trial import TrialState
 
-    trial.set_user_attr("claimed", True)
+    trial.set_user_attr("claimed", time.time())
     others = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING))
               if t.number != trial.number and t.params == config]
     for other in others:
         if other.state != TrialState.RUNNING:
             return (other.value if other.state == TrialState.COMPLETE else None,)
-    if any(t.user_attrs.get("claimed") for t in others):
+    now = time.time()
+    if any(now - float(t.user_attrs.get("claimed", 0)) < CLAIM_LEASE_S for t in others):
         return "running"
     return None
+
+
+@contextlib.contextmanager
+def _holding(trial: Any) -> Iterator[None]:
+    """Renew this worker's claim on `trial` while the block runs (a measurement can outlast the lease)."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(CLAIM_LEASE_S / 4):
+            trial.set_user_attr("claimed", time.time())
+
+    renewer = threading.Thread(target=renew, name="adaptc-claim", daemon=True)
+    renewer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        renewer.join()
 
 
 def optuna_storage(url: str | None) -> Any:

@@ -1,5 +1,6 @@
 """The tuner on real kernels (fused_moe's CPU implementation) and on a kernel with planted bad configs."""
 import json
+import time
 
 import pytest
 import torch
@@ -115,6 +116,56 @@ def test_search_shares_a_study_and_never_reruns_a_config(tmp_path, faulty_kernel
         measured.append(len(trials))
     # A later worker measures what is left, though the sampler favours configs measured already.
     assert len(seen) == len(set(seen)) == len(configs) and measured == [5, 4, 0]
+
+
+def _claim(storage, faulty_kernel, config, claimed_at):
+    """A RUNNING trial of `config` in study "s" with a claim made at `claimed_at`: another worker's."""
+    import optuna
+
+    study = optuna.create_study(storage=storage, study_name="s", load_if_exists=True)
+    study.enqueue_trial(config)
+    trial = study.ask()
+    assert {k: trial.suggest_categorical(k, list(v)) for k, v in faulty_kernel.knobs.items()} == config
+    trial.set_user_attr("claimed", claimed_at)
+
+
+def test_a_dead_workers_claim_expires_a_live_ones_holds(tmp_path, faulty_kernel):
+    from adaptc.tuner.tune import CLAIM_LEASE_S
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    dead, alive = {"mode": "ok", "unroll": 1}, {"mode": "ok", "unroll": 2}
+    _claim(storage, faulty_kernel, dead, time.time() - 2 * CLAIM_LEASE_S)  # killed mid-measurement
+    _claim(storage, faulty_kernel, alive, time.time())                      # measuring right now
+    configs = faulty_kernel.configs(torch.randn(4))
+    seen = [dict(t.config) for t in search(faulty_kernel, configs, lambda c: Trial(c, 1.0), Budget(trials=9),
+                                           strategy="tpe", storage=storage, study_name="s")]
+    assert dead in seen and alive not in seen and len(seen) == len(configs) - 1
+
+
+def test_an_interrupted_worker_frees_its_claim_and_renews_it_while_measuring(tmp_path, faulty_kernel, monkeypatch):
+    import optuna
+
+    from adaptc.tuner import tune as tune_module
+
+    monkeypatch.setattr(tune_module, "CLAIM_LEASE_S", 0.2)  # renewed every 0.05 s
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    configs = faulty_kernel.configs(torch.randn(4))
+    renewed = []
+
+    def interrupted(config):
+        start = time.time()
+        time.sleep(0.3)  # longer than the lease: only renewal keeps the claim alive
+        (trial,) = optuna.load_study(study_name="s", storage=storage).get_trials(
+            states=(optuna.trial.TrialState.RUNNING,))
+        renewed.append(trial.user_attrs["claimed"] > start + 0.1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        search(faulty_kernel, configs, interrupted, Budget(trials=9), strategy="tpe", storage=storage, study_name="s")
+    monkeypatch.setattr(tune_module, "CLAIM_LEASE_S", 3600.0)  # no claim expires now: only freed ones are
+    seen = search(faulty_kernel, configs, lambda c: Trial(c, 1.0), Budget(trials=9), strategy="tpe",
+                  storage=storage, study_name="s")
+    assert renewed == [True] and len(seen) == len(configs)  # the interrupted config included
 
 
 def test_shared_cache_ends_with_the_study_best_when_a_worker_finishes_mid_write(cache, faulty_kernel, tmp_path):
