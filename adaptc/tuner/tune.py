@@ -33,7 +33,7 @@ STRATEGIES = ("model+tpe", "tpe", "random", "exhaustive")
 PRUNE_MIN_PROBLEMS = 8  # a cost model trained on fewer problems orders the search but prunes nothing
 STORAGE_SCHEMES = ("postgresql", "postgres", "redis", "rediss", "unix", "sqlite")
 CLAIM_LEASE_S = 60.0  # a claim on a config not renewed for this long belongs to a worker that died
-STUCK_AFTER = 3  # sampler proposals in a row of configs with a result before the search picks one itself
+STUCK_AFTER = 3  # sampler proposals in a row that measure nothing before the search picks a config itself
 
 
 @dataclass(frozen=True)
@@ -186,9 +186,11 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
         study.enqueue_trial(config, skip_if_exists=True)
     trials: list[Trial] = []
     deadline = time.monotonic() + budget.seconds
-    # Once every config the sampler favours has a result (an earlier worker on a shared study may have
-    # measured them all) it keeps proposing them; the search then takes the next config without one
-    # itself: the model's order first, then a seeded shuffle.
+    # A sampler can get stuck proposing what measures nothing: configs the space's constraints prune
+    # (most of the knob product, in a constrained space) or configs with a result already (all it
+    # favours, once an earlier worker on a shared study measured them). After STUCK_AFTER such
+    # proposals in a row the search takes the next config without a result itself: the model's order
+    # first, then a seeded shuffle.
     fallback = [*(ranked or []), *random.Random(seed).sample(list(valid.values()), len(valid))]
     asks = repeats = 0
     while len(trials) < budget.trials and asks < 20 * budget.trials and not (trials and time.monotonic() > deadline):
@@ -199,7 +201,7 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
             if fallback:  # else the rest is being measured by other workers right now
                 study.enqueue_trial(fallback.pop(0))
             repeats = 0
-        asks += 1
+        asks, repeats = asks + 1, repeats + 1
         trial = study.ask()
         config = {name: trial.suggest_categorical(name, list(values)) for name, values in space.knobs.items()}
         key = canonical(config)
@@ -213,8 +215,8 @@ def _optuna_search(space: ConfigSpace, valid: dict[str, dict[str, Any]], measure
                 continue
             if state is not None:
                 done[key] = state[0]
-        repeats = repeats + 1 if key in done else 0
         if key not in done:
+            repeats = 0
             try:
                 with _holding(trial) if storage is not None else contextlib.nullcontext():
                     result = measure(config)

@@ -118,6 +118,18 @@ def test_search_shares_a_study_and_never_reruns_a_config(tmp_path, faulty_kernel
     assert len(seen) == len(set(seen)) == len(configs) and measured == [5, 4, 0]
 
 
+@pytest.mark.parametrize("storage", [None, "sqlite"])
+def test_a_sampler_in_a_tightly_constrained_space_still_measures_its_budget(storage, tmp_path):
+    # 10 of 1000 knob combinations can run: TPE alone proposes almost only pruned ones.
+    tight = ConfigSpace({k: tuple(range(10)) for k in "abc"}, lambda *a: {"a": 0, "b": 0, "c": 0},
+                        lambda c, *a: c["a"] == c["b"] == c["c"])
+    url = f"sqlite:///{tmp_path / 'study.db'}" if storage else None
+    for seed in range(3):
+        trials = search(tight, tight.configs(), lambda c: Trial(c, 1.0 + c["a"]), Budget(trials=4), strategy="tpe",
+                        seed=seed, storage=url, study_name=f"s{seed}")
+        assert len(trials) == 4 and all(t.config["a"] == t.config["b"] == t.config["c"] for t in trials)
+
+
 def _claim(storage, faulty_kernel, config, claimed_at):
     """A RUNNING trial of `config` in study "s" with a claim made at `claimed_at`: another worker's."""
     import optuna
