@@ -344,9 +344,11 @@ def model_plan(model: Any, kernel: str, impl: str, problem: dict[str, Any], defa
     """The cost model's part in a search: the order to measure in (`measure_order`) and the configs
     the search may visit. A model trained on PRUNE_MIN_PROBLEMS problems or more prunes the half it
     ranks slowest, never below what the budget measures; the default, first or second, always stays."""
-    order = model.rank(kernel, impl, problem, candidates) if model is not None else None
-    ranked = measure_order(default, order or candidates, trusted=order is not None)
-    if model is None or (model.kernel, model.impl) != (kernel, impl) or model.problems < PRUNE_MIN_PROBLEMS:
+    if model is not None and (model.kernel, model.impl) != (kernel, impl):
+        model = None  # another kernel's model knows nothing of this space
+    ranked = measure_order(default, model.rank(kernel, impl, problem, candidates) if model else candidates,
+                           trusted=model is not None)
+    if model is None or model.problems < PRUNE_MIN_PROBLEMS:
         return ranked, candidates
     return ranked, ranked[:max(budget.trials, math.ceil(len(ranked) / 2))]
 

@@ -41,8 +41,8 @@ KERNEL = register(Kernel(
     {"cpu": Implementation(cpu_attention, _cpu_supports, ConfigSpace(space.CPU_SPACE, space.cpu_default_config)),
      "triton": Implementation(_triton, _triton_supports,
                               ConfigSpace(space.TRITON_SPACE, _triton_default, _triton_fits))},
-    problem=space.problem, features=space.features, tolerance=space.tolerance, example=space.example_inputs, check=space.check,
-    config_features=space.config_features,
+    problem=space.problem, features=space.features, tolerance=space.tolerance, example=space.example_inputs,
+    check=space.check, config_features=space.config_features,
 ))
 
 from . import op  # noqa: E402,F401  (registers the custom op)

@@ -50,8 +50,8 @@ KERNEL = register(Kernel(
     {"cpu": Implementation(cpu_exit_confidence, _cpu_supports, ConfigSpace(space.CPU_SPACE, space.cpu_default_config)),
      "triton": Implementation(_triton, _triton_supports,
                               ConfigSpace(space.TRITON_SPACE, _triton_default, _triton_fits))},
-    problem=space.problem, features=space.features, tolerance=space.tolerance, example=space.example_inputs, check=space.check,
-    agrees=space.agrees, config_features=space.config_features,
+    problem=space.problem, features=space.features, tolerance=space.tolerance, example=space.example_inputs,
+    check=space.check, agrees=space.agrees, config_features=space.config_features,
 ))
 
 from .op import exit_confidence  # noqa: E402  (registers the custom op)

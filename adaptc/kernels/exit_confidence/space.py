@@ -94,8 +94,8 @@ def example_inputs(p: dict[str, Any], device: str = "cpu", seed: int = 0) -> tup
     """Arguments for a problem; `adaptc tune exit_confidence --problem V=49152,D=576 --tokens 1` passes the
     rows as T and no bias flag."""
     check(p)
-    return make_inputs(p["N"] if "N" in p else p["T"], p["V"], p["D"], dtype=getattr(torch, p.get("dtype", "float32")), device=device,
-                       bias=bool(p.get("bias", False)), seed=seed)
+    return make_inputs(p["N"] if "N" in p else p["T"], p["V"], p["D"], dtype=getattr(torch, p.get("dtype", "float32")),
+                       device=device, bias=bool(p.get("bias", False)), seed=seed)
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:

@@ -31,7 +31,10 @@ def _cpu_supports(hidden, *args) -> str | None:
 
 
 CPU_SPACE = ConfigSpace(space.CPU_SPACE, lambda *a: space.cpu_default_config(*_dims(*a)),
-                        lambda cfg, *a: space.cpu_config_fits(cfg, grouped_mm_available(), a[4].shape[0], a[0].shape[0]))
+                        lambda cfg, *a: space.cpu_config_fits(cfg, grouped_mm_available(), experts=a[4].shape[0],
+                                                              tokens=a[0].shape[0]))
+
+
 def _smem_bytes(device) -> int:
     """Shared memory one block may use on `device` (H100's for CPU tensors under the interpreter)."""
     if device.type != "cuda":

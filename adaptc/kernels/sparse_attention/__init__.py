@@ -37,7 +37,7 @@ KERNEL = register(Kernel(
     {"cpu": Implementation(cpu_sparse_attention, _cpu_supports, ConfigSpace(space.CPU_SPACE, space.default_config)),
      "triton": Implementation(_triton, _triton_supports,
                               ConfigSpace(space.TRITON_SPACE, space.triton_default_config, _triton_fits))},
-    problem=space.problem, features=space.features, tolerance=space.tolerance, example=space.example_inputs, check=space.check,
-))
+    problem=space.problem, features=space.features, tolerance=space.tolerance, example=space.example_inputs,
+    check=space.check,))
 
 from . import op  # noqa: E402,F401  (registers the custom op)
