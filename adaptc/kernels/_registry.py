@@ -6,11 +6,16 @@ falls back to the reference where an implementation's `supports()` declines (wit
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import contextvars
 import enum
+import functools
+import importlib.util
+import inspect
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -93,6 +98,58 @@ class Kernel:
     def why_not(self, impl_name: str, *args: Any) -> str | None:
         impl = self.implementations.get(impl_name)
         return f"no {impl_name} implementation" if impl is None else impl.supports(*args)
+
+
+def kernel_sources(kernel: Kernel) -> list[tuple[str, Path]]:
+    """(module, file) of every source a kernel's code comes from, by module name: the modules its
+    reference, implementations, spaces and problem functions are defined in, and every module of the
+    same package they import at any depth, in function bodies too (Triton modules are imported on
+    first use). What the implementation hash covers: editing any of these may change what a tuned
+    config does. This registry is left out: it says which config runs, not what a config does."""
+    fns = [kernel.reference, kernel.problem, kernel.features, kernel.tolerance, kernel.example, kernel.check,
+           kernel.config_features, kernel.agrees]
+    for impl in kernel.implementations.values():
+        fns += [impl.fn, impl.supports, *((impl.space.default, impl.space.fits) if impl.space else ())]
+    todo = [m for fn in fns if fn is not None and (m := getattr(inspect.unwrap(fn), "__module__", None))]
+    found: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        path = _module_file(name)
+        if name in found or name == __name__ or path is None:
+            continue
+        found[name] = path
+        todo += _imports(name, path)
+    return sorted(found.items())
+
+
+@functools.cache
+def _module_file(name: str) -> Path | None:
+    """The .py file of module `name` (None: not a module), found from its top-level package's folder
+    without importing it or its parents: a Triton module imported too early is built wrongly."""
+    top, *parts = name.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:  # a single-file module, or none
+        return Path(spec.origin) if spec and not parts and spec.origin and spec.origin.endswith(".py") else None
+    base = Path(list(spec.submodule_search_locations)[0]).joinpath(*parts)
+    return next((p for p in (base.with_suffix(".py") if parts else None, base / "__init__.py") if p and p.is_file()),
+                None)
+
+
+def _imports(name: str, path: Path) -> list[str]:
+    """The modules of `name`'s own top-level package that it (at `path`) imports, anywhere in the file.
+    Others are never looked up: a module outside the package is not the kernel's code."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    ours = lambda m: m.partition(".")[0] == name.partition(".")[0]  # noqa: E731
+    out = []
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [alias.name for alias in node.names if ours(alias.name)]
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
+                else node.module
+            if ours(base):  # `from base import x`: x is a submodule of base, or a name base defines
+                out += [base, *(f"{base}.{a.name}" for a in node.names if _module_file(f"{base}.{a.name}"))]
+    return out
 
 
 def grid_features(tiles: float, units: int) -> dict[str, float]:

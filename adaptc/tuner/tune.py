@@ -25,7 +25,7 @@ import torch
 from ..cache import RecordKey, Trial, TuningCache, TuningRecord
 from ..cache.record import redact_url
 from ..errors import StorageError
-from ..kernels._registry import KERNELS, ConfigSpace, set_config
+from ..kernels._registry import KERNELS, ConfigSpace, kernel_sources, set_config
 from .device import device_fingerprint
 from .timing import median_seconds
 
@@ -63,15 +63,17 @@ def canonical(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
+def _source(path: Path) -> bytes:
+    return path.read_bytes()
+
+
 @functools.cache
 def implementation_hash(kernel: str) -> str:
-    """A hash of the kernel folder's source: editing a kernel invalidates what was tuned for it."""
-    from .. import kernels
-
-    folder = Path(kernels.__file__).parent / kernel
+    """A hash of every source file the kernel's code comes from (`kernel_sources`), each under its
+    module name: editing any of them invalidates what was tuned for it, on every machine."""
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for module, path in kernel_sources(KERNELS[kernel]):
+        digest.update(module.encode() + b"\0" + _source(path) + b"\0")
     return digest.hexdigest()[:16]
 
 
