@@ -97,7 +97,8 @@ class Trial:
 @dataclass(frozen=True, eq=True)
 class TuningRecord:
     """The chosen config for one key. `status` is not "ok" when every candidate failed; the
-    compiler then uses the reference and does not tune again."""
+    compiler then uses the default config, and another process (on this machine or any other
+    sharing the cache) measures again rather than take the failure as final."""
 
     key: RecordKey
     config: Mapping[str, Scalar]

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 
 from ..kernels._registry import KERNELS, set_config_source, trace_calls
-from .tune import Budget, Outcome, key_for, record_key, tune
+from .tune import Budget, Outcome, cached, key_for, record_key, tune
 
 
 def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any = None, strategy: str = "model+tpe",
@@ -37,7 +37,7 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
         for kernel, impl, args in tunable:
             progress.update(task, description=f"tuning {kernel}/{impl}")
             # The model trains on the whole cache: only worth it when something must be measured.
-            if strategy == "model+tpe" and (kernel, impl) not in models and cache.get(record_key(kernel, impl, args)) is None:
+            if strategy == "model+tpe" and (kernel, impl) not in models and cached(cache, record_key(kernel, impl, args)) is None:
                 fp = device_fingerprint(args[0].device)
                 try:
                     models[(kernel, impl)] = CostModel.train(kernel, impl, cache.scan().records, device=fp.id,

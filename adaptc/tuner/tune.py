@@ -361,6 +361,18 @@ def best_trial(trials: list[Trial]) -> Trial | None:
     return min(ok, key=lambda t: (t.time_s, canonical(dict(t.config)))) if ok else None
 
 
+# Keys whose every candidate failed when this process measured them: tried here, not tried again.
+_FAILED_HERE: set[str] = set()
+
+
+def cached(cache: TuningCache, key: RecordKey) -> TuningRecord | None:
+    """The cache's record for `key` if it settles the key: a tuned config, or a failure this process
+    measured. A failure read from the cache (another machine's or another run's, a shared cache's
+    crashed record with no time) is a reason to measure on this machine, not to stop tuning."""
+    record = cache.get(key)
+    return record if record is not None and (record.status == "ok" or key.digest in _FAILED_HERE) else None
+
+
 def tune(kernel: str, impl: str, args: tuple, *, cache: TuningCache, budget: Budget = Budget(),
          strategy: str = "model+tpe", cost_model: Any = None, seed: int = 0, storage: Any = None,
          on_trial: Callable[[Trial], None] | None = None) -> Outcome:
@@ -369,7 +381,7 @@ def tune(kernel: str, impl: str, args: tuple, *, cache: TuningCache, budget: Bud
     space = k.implementations[impl].space
     key = record_key(kernel, impl, args)
     problem, device = dict(key.problem), args[0].device.type
-    record = cache.get(key)
+    record = cached(cache, key)
     if record is not None and record.status == "ok" and not (space.contains(dict(record.config))
                                                              and space.fits(dict(record.config), *args)):
         warnings.warn(f"adaptc: ignoring the cached {kernel}/{impl} config {dict(record.config)}: it is not "
@@ -399,6 +411,8 @@ def tune(kernel: str, impl: str, args: tuple, *, cache: TuningCache, budget: Bud
         if latest == best:
             break
         best = latest
+    if best is None:
+        _FAILED_HERE.add(key.digest)
     config, source = (space.default(*args), "default") if best is None else (dict(best.config), "measured")
     set_config(kernel, impl, problem, device, config)
     return Outcome(kernel, impl, problem, config, source, len(trials), record.time_s, trials)

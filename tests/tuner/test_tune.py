@@ -259,3 +259,37 @@ def test_a_cached_config_outside_the_space_is_never_run(cache):
     with pytest.warns(UserWarning, match="not in this kernel's config space"):
         outcome = tune("fused_moe", "cpu", args, cache=cache, budget=FAST)
     assert outcome.source == "measured" and outcome.config["layout"] in ("wx", "xw")
+
+
+def _crashed_elsewhere(key):
+    from adaptc.cache import TuningRecord
+
+    # What a machine whose every candidate failed (or a bad actor) leaves in a shared cache.
+    return TuningRecord(key, config={}, time_s=None, status="crashed", host="another-machine")
+
+
+def test_a_crashed_record_in_the_cache_is_measured_again_here(cache):
+    from adaptc.tuner.tune import record_key
+
+    args = space.make_inputs(10, 32, 32, 4, 2, seed=5)
+    key = record_key("fused_moe", "cpu", args)
+    cache.put(_crashed_elsewhere(key))
+    result = tune_calls(lambda: torch.ops.adaptc.fused_moe(*args), FAST, cache=open_cache())
+    [entry] = result["kernels"]
+    assert entry["source"] == "measured" and entry["measured"] > 0 and entry["time_s"] is not None
+    assert result["cache_hits"] == 0
+    record = open_cache().get(key)  # the measurement replaced the crashed record
+    assert record.status == "ok" and dict(record.config) == entry["config"]
+
+
+def test_a_crashed_record_in_a_shared_redis_cache_is_measured_again_here(redis_url, tmp_path):
+    from adaptc.tuner.tune import record_key
+
+    args = space.make_inputs(10, 32, 32, 4, 2, seed=6)
+    key = record_key("fused_moe", "cpu", args)
+    shared = open_cache(redis_url, tmp_path / "a")
+    shared.shared.put(_crashed_elsewhere(key))
+    outcome = tune("fused_moe", "cpu", args, cache=open_cache(redis_url, tmp_path / "b"), budget=FAST)
+    assert outcome.source == "measured" and outcome.measured > 0
+    record = shared.shared.get(key)  # what every other machine now reads
+    assert record.status == "ok" and dict(record.config) == outcome.config
