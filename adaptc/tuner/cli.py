@@ -145,7 +145,7 @@ def _tune_jobs(kernel, jobs, device, budget, strategy, store, as_json) -> list[d
 
     from ..cache import default_cache
     from ..kernels import KERNELS
-    from .cost_model import CostModel
+    from .cost_model import NO_LIGHTGBM, CostModel, have_lightgbm
     from .device import device_fingerprint
     from .tune import tune
 
@@ -153,8 +153,11 @@ def _tune_jobs(kernel, jobs, device, budget, strategy, store, as_json) -> list[d
     impl = "triton" if device == "cuda" else "cpu"
     cache = default_cache()
     fp = device_fingerprint(device)
-    model = (CostModel.train(kernel, impl, cache.scan().records, device=fp.id, units=fp.units)
-             if strategy == "model+tpe" else None)
+    model = None
+    if strategy == "model+tpe" and not have_lightgbm():
+        click.echo(f"note: {NO_LIGHTGBM}", err=True)  # as compile does: the model only orders the search
+    elif strategy == "model+tpe":
+        model = CostModel.train(kernel, impl, cache.scan().records, device=fp.id, units=fp.units)
     rows = []
     with Progress(console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as progress:
         task = progress.add_task(f"tuning {kernel}/{impl}", total=len(jobs) * budget.trials)

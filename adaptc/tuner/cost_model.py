@@ -22,6 +22,16 @@ from ..kernels._registry import KERNELS, ConfigSpace
 from .tune import canonical
 
 MIN_GROUPS = 2  # fewer tuned problems than this: no model, the search falls back to its default order
+NO_LIGHTGBM = "lightgbm is not installed (pip install 'adaptc[costmodel]'); searching without the cost model"
+
+
+def have_lightgbm() -> bool:
+    """Whether a cost model can be trained here (LightGBM is optional: without it the search runs unranked)."""
+    try:
+        import lightgbm  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _knob_value(space: ConfigSpace, name: str, value: Any) -> float:

@@ -23,7 +23,7 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
     from rich.progress import Progress
 
     from ..cache import default_cache
-    from .cost_model import CostModel
+    from .cost_model import NO_LIGHTGBM, CostModel, have_lightgbm
     from .device import device_fingerprint
 
     with trace_calls() as calls, torch.no_grad():
@@ -32,12 +32,17 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
     models: dict[tuple[str, str], Any] = {}
     outcomes: list[Outcome] = []
     tunable = [(k, i, a) for k, i, a in calls.values() if KERNELS[k].implementations[i].space is not None]
+    learn = strategy == "model+tpe"
     with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
         task = progress.add_task("tuning kernels", total=len(tunable) * budget.trials)
         for kernel, impl, args in tunable:
             progress.update(task, description=f"tuning {kernel}/{impl}")
             # The model trains on the whole cache: only worth it when something must be measured.
-            if strategy == "model+tpe" and (kernel, impl) not in models and cached(cache, record_key(kernel, impl, args)) is None:
+            wanted = learn and (kernel, impl) not in models and cached(cache, record_key(kernel, impl, args)) is None
+            if wanted and not have_lightgbm():  # said once, not once per kernel
+                warnings.warn(f"adaptc: {NO_LIGHTGBM}", stacklevel=2)
+                learn = False
+            elif wanted:
                 fp = device_fingerprint(args[0].device)
                 try:
                     models[(kernel, impl)] = CostModel.train(kernel, impl, cache.scan().records, device=fp.id,
