@@ -63,7 +63,7 @@ def canonical(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
 
 
-def _source(path: Path) -> bytes:
+def _source(path: Path) -> bytes:  # the one place kernel source is read (a test edits what it returns)
     return path.read_bytes()
 
 
@@ -71,6 +71,8 @@ def _source(path: Path) -> bytes:
 def implementation_hash(kernel: str) -> str:
     """A hash of every source file the kernel's code comes from (`kernel_sources`), each under its
     module name: editing any of them invalidates what was tuned for it, on every machine."""
+    from .. import kernels  # noqa: F401  (registers them)
+
     digest = hashlib.sha256()
     for module, path in kernel_sources(KERNELS[kernel]):
         digest.update(module.encode() + b"\0" + _source(path) + b"\0")
