@@ -59,6 +59,7 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
     _check_arguments(src, dst, passes, target, calibration, overwrite)
     model = load_onnx(src)
     _refuse_inputs(dst, {path: "the input's external data" for path in _external_files(model)})
+    _load_weights(model, src)
     original = _session(src, optimize=False, what="the input")
     rows = load_calibration(calibration, original)
     report: dict[str, Any] = {"input": str(src), "output": str(dst), "target": target, "passes": passes,
@@ -143,6 +144,22 @@ def _external_files(model: ir.Model) -> set[Path]:
     graphs = [model.graph, *model.graph.subgraphs()]
     return {Path(v.const_value.path) for g in graphs for v in g.initializers.values()
             if isinstance(v.const_value, ir.ExternalTensor)}
+
+
+def _load_weights(model: ir.Model, src: Path) -> None:
+    """Read the input's external data into memory (unless the model is too large for one protobuf anyway):
+    the serialize/deserialize round trips (onnx's opset converter, early_exit's copies) forget the folder
+    a relative location like torch's `x.onnx.data` is relative to, and would look for it in the cwd."""
+    if _weight_bytes(model) > EXTERNAL_DATA_ABOVE:
+        return
+    try:
+        ir.external_data.load_to_model(model)
+    except (OSError, ValueError) as e:
+        raise CaptureError(f"{src}: cannot read its external data ({e})") from None
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
 def _rewrite(model: ir.Model, passes: list[str], target: str, report: dict[str, Any]):
@@ -370,9 +387,8 @@ def _data_file(path: Path) -> Path:
 
 def _save(model: ir.Model, path: Path) -> None:
     """Write `model` so that it owns its weights: an input's external data is copied, never referred to."""
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     try:
-        if size > EXTERNAL_DATA_ABOVE:
+        if _weight_bytes(model) > EXTERNAL_DATA_ABOVE:
             ir.save(model, path, external_data=_data_file(path).name)
         else:
             ir.save(ir.external_data.load_to_model(model), path)

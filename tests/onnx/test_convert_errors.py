@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -281,3 +283,47 @@ def test_no_verify_still_writes(good_model, tmp_path):
     result = CliRunner().invoke(main, ["convert", str(good_model), "-o", str(out), "--no-verify", "--json"])
     assert result.exit_code == 0 and out.exists()
     assert '"skipped": "--no-verify"' in result.output
+
+
+class SelfAttention(torch.nn.Module):
+    """One softmax attention block: enough for the default target's opset-23 upgrade and fusion to run."""
+
+    def __init__(self, width=32, heads=4) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, width = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, n, width))
+
+
+@pytest.fixture(scope="module")
+def dynamo_external(tmp_path_factory):
+    """A dynamo export whose weights torch wrote to x.onnx.data beside it (a relative location)."""
+    path = tmp_path_factory.mktemp("export") / "x.onnx"
+    torch.manual_seed(0)
+    dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=1024)}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(SelfAttention().eval(), (torch.randn(2, 16, 32),), dynamo=True, input_names=["x"],
+                                    output_names=["y"], dynamic_shapes=(dims,), verbose=False)
+        program.save(str(path), external_data=True)
+    assert (path.parent / "x.onnx.data").exists()
+    return path
+
+
+@pytest.mark.parametrize("output", ["cwd", "third folder"])
+def test_dynamo_export_with_external_data_converts_from_another_directory(dynamo_external, tmp_path, monkeypatch,
+                                                                           output):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # neither the input's folder nor the output's
+    out = "x.fast.onnx" if output == "cwd" else tmp_path / "out" / "x.fast.onnx"
+    result = CliRunner().invoke(main, ["convert", str(dynamo_external), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"fired": 1' in result.output  # the opset-23 upgrade and the attention fusion both ran
+    x = np.random.default_rng(3).standard_normal((3, 5, 32)).astype(np.float32)
+    want = ort.InferenceSession(str(dynamo_external), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
