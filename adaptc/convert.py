@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -74,6 +75,7 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
     report["nodes"] = {"before": report["cleanup"]["nodes_before"], "after_cleanup": report["cleanup"]["nodes_after"],
                        "after": model.graph.num_nodes()}
     report["ops_after"] = _op_counts(model)
+    feeds = _feeds(original, model, rows, seed, report)
 
     with staged(dst, overwrite) as tmp:
         _save(model, tmp)
@@ -81,7 +83,6 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
             converted = _session(tmp, optimize=True, what="the converted model")
         except CaptureError as e:  # our rewrite broke the graph: a failed conversion, not a bad input
             raise ConvertFailed(f"{e}; nothing written", report) from None
-        feeds = random_inputs(original, model, seed) + ([_first(rows, VERIFY_BATCH * 4)] if rows else [])
         if verify:
             report["verification"] = compare_sessions(original, converted, feeds)
             if not report["verification"]["ok"]:
@@ -223,6 +224,44 @@ def random_inputs(session, model: ir.Model, seed: int = 0, batch: int = VERIFY_B
     return [feeds]
 
 
+def _feeds(original, model: ir.Model, rows: dict[str, np.ndarray], seed: int,
+           report: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+    """What verification and latency run: invented inputs, then the first calibration rows. Invented inputs
+    the original itself cannot run (silero-vad frames its audio in 512 samples and gets 16) are dropped
+    when there are calibration rows, and without them are the user's to replace."""
+    invented = random_inputs(original, model, seed)
+    error = run_error(original, invented[0])
+    if error:
+        shapes = {k: list(v.shape) for k, v in invented[0].items()}
+        if not rows:
+            raise CaptureError(f"the original model rejects adaptc's invented inputs {shapes} (onnxruntime: {error}); "
+                               "pass --calibration FILE, an .npz of real inputs named after the model's inputs")
+        report["invented_inputs"] = {"inputs": shapes, "rejected": error, "verified_on": "calibration rows only"}
+        invented = []
+    return invented + ([_first(rows, VERIFY_BATCH * 4)] if rows else [])
+
+
+def run_error(session, feed: dict[str, np.ndarray]) -> str | None:
+    """None if `session` runs `feed`, else onnxruntime's complaint in one short line: the failing node
+    and its message, without the C++ check behind it (and without onnxruntime logging it to stderr)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # fatal only: the error is reported here, once
+    try:
+        session.run(None, feed, options)
+    except Exception as e:
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(e).split()))
+        node = re.match(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: (.*)",
+                        text)
+        if node:
+            op, name, message = node.groups()
+            message = re.sub(r"^\S+:\d+ .*? was false\. ", "", message)
+            text = f"{op} node{f' {name!r}' if name else ''}: {message}"
+        return text[:300] or type(e).__name__
+    return None
+
+
 def _index_bound(model: ir.Model, name: str) -> int:
     """How many rows the tables this input indexes have (token ids, token types); 2 if it indexes none."""
     value = next((v for v in model.graph.inputs if v.name == name), None)
@@ -263,18 +302,23 @@ def _early_exit(model: ir.Model, original, rows: dict[str, np.ndarray], quality:
     return ee
 
 
+def num_rows(rows: dict[str, np.ndarray]) -> int:
+    """How many samples calibration `rows` hold: scalar (rank-0) inputs have no rows axis, they go with each."""
+    return next((len(v) for v in rows.values() if v.ndim), 1)
+
+
 def _first(rows: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    return {k: v[:n] for k, v in rows.items()}
+    return {k: v[:n] if v.ndim else v for k, v in rows.items()}
 
 
 def _single_rows(rows: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
-    count = min(n, len(next(iter(rows.values()))))
-    return [{k: v[i:i + 1] for k, v in rows.items()} for i in range(count)]
+    return [{k: v[i:i + 1] if v.ndim else v for k, v in rows.items()} for i in range(min(n, num_rows(rows)))]
 
 
 def load_calibration(path: str | Path | None, session) -> dict[str, np.ndarray]:
     """An .npz whose arrays are named after the model's inputs, one row per sample ({} without a file);
-    each array must have its input's dtype, rank and fixed sizes, so that onnxruntime can run it."""
+    each array must have its input's dtype, rank and fixed sizes, so that onnxruntime can run it. A
+    scalar (rank-0) input, like silero-vad's sample rate `sr`, takes one value, fed with every row."""
     if path is None:
         return {}
     try:
@@ -297,14 +341,16 @@ def load_calibration(path: str | Path | None, session) -> dict[str, np.ndarray]:
     rows = {i.name: arrays[i.name] for i in inputs}
     for info in inputs:
         a, dtype = rows[info.name], _NUMPY.get(info.type)
-        if a.dtype != dtype or a.ndim != len(info.shape) or a.ndim == 0:
-            raise CaptureError(f"{path}: calibration array {info.name!r} is {a.dtype} {list(a.shape)}; the input takes "
-                               f"{np.dtype(dtype).name if dtype else info.type} of rank {len(info.shape)} "
-                               f"{_dims(info.shape)}, one row per sample along the first axis")
-    if len({len(a) for a in rows.values()}) != 1:
-        raise CaptureError(f"{path}: calibration arrays have different row counts "
-                           f"{ {n: len(a) for n, a in rows.items()} }")
-    if len(next(iter(rows.values()))) == 0:
+        if a.dtype != dtype or a.ndim != len(info.shape):
+            want = np.dtype(dtype).name if dtype else info.type
+            takes = (f"the input is a scalar (rank 0, {want}): one value for every row" if not info.shape else
+                     f"the input takes {want} of rank {len(info.shape)} {_dims(info.shape)}, "
+                     "one row per sample along the first axis")
+            raise CaptureError(f"{path}: calibration array {info.name!r} is {a.dtype} {list(a.shape)}; {takes}")
+    counts = {n: len(a) for n, a in rows.items() if a.ndim}
+    if len(set(counts.values())) > 1:
+        raise CaptureError(f"{path}: calibration arrays have different row counts {counts}")
+    if num_rows(rows) == 0:
         raise CaptureError(f"{path}: calibration arrays have 0 rows")
     sizes: dict[str, tuple[int, str]] = {}  # a named size (past the rows axis), as the first input with it sets it
     for info in inputs:
@@ -320,11 +366,9 @@ def load_calibration(path: str | Path | None, session) -> dict[str, np.ndarray]:
             if got != size:
                 raise CaptureError(f"{path}: calibration array {info.name!r} has shape {list(shape)}; the input is "
                                    f"{_dims(info.shape)}, so axis {axis} must be {expected}")
-    try:  # anything else onnxruntime objects to (token ids past the vocabulary, say), said now and in one line
-        session.run(None, _first(rows, VERIFY_BATCH * 4))
-    except Exception as e:
-        line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise CaptureError(f"{path}: onnxruntime cannot run the input on the calibration rows: {line[:300]}") from None
+    error = run_error(session, _first(rows, VERIFY_BATCH * 4))  # token ids past the vocabulary, say: said now
+    if error:
+        raise CaptureError(f"{path}: onnxruntime cannot run the input on the calibration rows: {error}")
     return rows
 
 
