@@ -5,8 +5,9 @@
 
 Nothing is written unless the result matches the original: the original runs in onnxruntime with graph
 optimizations disabled, the result as users will run it (onnxruntime defaults), both on the same random
-(and calibration) inputs. The output file (and its external data, if it needs any) appears atomically;
-the input, its external data and the calibration file are never written.
+(and calibration) inputs; random inputs the original itself cannot run need calibration rows instead.
+The output file (and its external data, if it needs any) appears atomically; the input, its external
+data and the calibration file are never written.
 """
 from __future__ import annotations
 
@@ -302,7 +303,7 @@ def _early_exit(model: ir.Model, original, rows: dict[str, np.ndarray], quality:
     return ee
 
 
-def num_rows(rows: dict[str, np.ndarray]) -> int:
+def _num_rows(rows: dict[str, np.ndarray]) -> int:
     """How many samples calibration `rows` hold: scalar (rank-0) inputs have no rows axis, they go with each."""
     return next((len(v) for v in rows.values() if v.ndim), 1)
 
@@ -312,7 +313,7 @@ def _first(rows: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
 
 
 def _single_rows(rows: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
-    return [{k: v[i:i + 1] if v.ndim else v for k, v in rows.items()} for i in range(min(n, num_rows(rows)))]
+    return [{k: v[i:i + 1] if v.ndim else v for k, v in rows.items()} for i in range(min(n, _num_rows(rows)))]
 
 
 def load_calibration(path: str | Path | None, session) -> dict[str, np.ndarray]:
@@ -350,7 +351,7 @@ def load_calibration(path: str | Path | None, session) -> dict[str, np.ndarray]:
     counts = {n: len(a) for n, a in rows.items() if a.ndim}
     if len(set(counts.values())) > 1:
         raise CaptureError(f"{path}: calibration arrays have different row counts {counts}")
-    if num_rows(rows) == 0:
+    if _num_rows(rows) == 0:
         raise CaptureError(f"{path}: calibration arrays have 0 rows")
     sizes: dict[str, tuple[int, str]] = {}  # a named size (past the rows axis), as the first input with it sets it
     for info in inputs:
