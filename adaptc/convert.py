@@ -5,13 +5,15 @@
 
 Nothing is written unless the result matches the original: the original runs in onnxruntime with graph
 optimizations disabled, the result as users will run it (onnxruntime defaults), both on the same random
-(and calibration) inputs. The output file (and its external data, if it needs any) appears atomically;
-the input, its external data and the calibration file are never written.
+(and calibration) inputs; random inputs the original itself cannot run need calibration rows instead.
+The output file (and its external data, if it needs any) appears atomically; the input, its external
+data and the calibration file are never written.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -59,6 +61,7 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
     _check_arguments(src, dst, passes, target, calibration, overwrite)
     model = load_onnx(src)
     _refuse_inputs(dst, {path: "the input's external data" for path in _external_files(model)})
+    _load_weights(model, src)
     original = _session(src, optimize=False, what="the input")
     rows = load_calibration(calibration, original)
     report: dict[str, Any] = {"input": str(src), "output": str(dst), "target": target, "passes": passes,
@@ -73,6 +76,7 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
     report["nodes"] = {"before": report["cleanup"]["nodes_before"], "after_cleanup": report["cleanup"]["nodes_after"],
                        "after": model.graph.num_nodes()}
     report["ops_after"] = _op_counts(model)
+    feeds = _feeds(original, model, rows, seed, report)
 
     with staged(dst, overwrite) as tmp:
         _save(model, tmp)
@@ -80,7 +84,6 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
             converted = _session(tmp, optimize=True, what="the converted model")
         except CaptureError as e:  # our rewrite broke the graph: a failed conversion, not a bad input
             raise ConvertFailed(f"{e}; nothing written", report) from None
-        feeds = random_inputs(original, model, seed) + ([_first(rows, VERIFY_BATCH * 4)] if rows else [])
         if verify:
             report["verification"] = compare_sessions(original, converted, feeds)
             if not report["verification"]["ok"]:
@@ -145,6 +148,22 @@ def _external_files(model: ir.Model) -> set[Path]:
             if isinstance(v.const_value, ir.ExternalTensor)}
 
 
+def _load_weights(model: ir.Model, src: Path) -> None:
+    """Read the input's external data into memory (unless the model is too large for one protobuf anyway):
+    the serialize/deserialize round trips (onnx's opset converter, early_exit's copies) forget the folder
+    a relative location like torch's `x.onnx.data` is relative to, and would look for it in the cwd."""
+    if _weight_bytes(model) > EXTERNAL_DATA_ABOVE:
+        return
+    try:
+        ir.external_data.load_to_model(model)
+    except (OSError, ValueError) as e:
+        raise CaptureError(f"{src}: cannot read its external data ({e})") from None
+
+
+def _weight_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
 def _rewrite(model: ir.Model, passes: list[str], target: str, report: dict[str, Any]):
     rules = [RULES[name](target) for name in passes]
     needs_23 = target == "standard" and any(getattr(r, "needs_opset", 0) > default_opset(model) for r in rules)
@@ -206,6 +225,44 @@ def random_inputs(session, model: ir.Model, seed: int = 0, batch: int = VERIFY_B
     return [feeds]
 
 
+def _feeds(original, model: ir.Model, rows: dict[str, np.ndarray], seed: int,
+           report: dict[str, Any]) -> list[dict[str, np.ndarray]]:
+    """What verification and latency run: invented inputs, then the first calibration rows. Invented inputs
+    the original itself cannot run (silero-vad frames its audio in 512 samples and gets 16) are dropped
+    when there are calibration rows, and without them are the user's to replace."""
+    invented = random_inputs(original, model, seed)
+    error = run_error(original, invented[0])
+    if error:
+        shapes = {k: list(v.shape) for k, v in invented[0].items()}
+        if not rows:
+            raise CaptureError(f"the original model rejects adaptc's invented inputs {shapes} (onnxruntime: {error}); "
+                               "pass --calibration FILE, an .npz of real inputs named after the model's inputs")
+        report["invented_inputs"] = {"inputs": shapes, "rejected": error, "verified_on": "calibration rows only"}
+        invented = []
+    return invented + ([_first(rows, VERIFY_BATCH * 4)] if rows else [])
+
+
+def run_error(session, feed: dict[str, np.ndarray]) -> str | None:
+    """None if `session` runs `feed`, else onnxruntime's complaint in one short line: the failing node
+    and its message, without the C++ check behind it (and without onnxruntime logging it to stderr)."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4  # fatal only: the error is reported here, once
+    try:
+        session.run(None, feed, options)
+    except Exception as e:
+        text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(e).split()))
+        node = re.match(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: (.*)",
+                        text)
+        if node:
+            op, name, message = node.groups()
+            message = re.sub(r"^\S+:\d+ .*? was false\. ", "", message)
+            text = f"{op} node{f' {name!r}' if name else ''}: {message}"
+        return text[:300] or type(e).__name__
+    return None
+
+
 def _index_bound(model: ir.Model, name: str) -> int:
     """How many rows the tables this input indexes have (token ids, token types); 2 if it indexes none."""
     value = next((v for v in model.graph.inputs if v.name == name), None)
@@ -246,18 +303,23 @@ def _early_exit(model: ir.Model, original, rows: dict[str, np.ndarray], quality:
     return ee
 
 
+def _num_rows(rows: dict[str, np.ndarray]) -> int:
+    """How many samples calibration `rows` hold: scalar (rank-0) inputs have no rows axis, they go with each."""
+    return next((len(v) for v in rows.values() if v.ndim), 1)
+
+
 def _first(rows: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    return {k: v[:n] for k, v in rows.items()}
+    return {k: v[:n] if v.ndim else v for k, v in rows.items()}
 
 
 def _single_rows(rows: dict[str, np.ndarray], n: int) -> list[dict[str, np.ndarray]]:
-    count = min(n, len(next(iter(rows.values()))))
-    return [{k: v[i:i + 1] for k, v in rows.items()} for i in range(count)]
+    return [{k: v[i:i + 1] if v.ndim else v for k, v in rows.items()} for i in range(min(n, _num_rows(rows)))]
 
 
 def load_calibration(path: str | Path | None, session) -> dict[str, np.ndarray]:
     """An .npz whose arrays are named after the model's inputs, one row per sample ({} without a file);
-    each array must have its input's dtype, rank and fixed sizes, so that onnxruntime can run it."""
+    each array must have its input's dtype, rank and fixed sizes, so that onnxruntime can run it. A
+    scalar (rank-0) input, like silero-vad's sample rate `sr`, takes one value, fed with every row."""
     if path is None:
         return {}
     try:
@@ -280,14 +342,16 @@ def load_calibration(path: str | Path | None, session) -> dict[str, np.ndarray]:
     rows = {i.name: arrays[i.name] for i in inputs}
     for info in inputs:
         a, dtype = rows[info.name], _NUMPY.get(info.type)
-        if a.dtype != dtype or a.ndim != len(info.shape) or a.ndim == 0:
-            raise CaptureError(f"{path}: calibration array {info.name!r} is {a.dtype} {list(a.shape)}; the input takes "
-                               f"{np.dtype(dtype).name if dtype else info.type} of rank {len(info.shape)} "
-                               f"{_dims(info.shape)}, one row per sample along the first axis")
-    if len({len(a) for a in rows.values()}) != 1:
-        raise CaptureError(f"{path}: calibration arrays have different row counts "
-                           f"{ {n: len(a) for n, a in rows.items()} }")
-    if len(next(iter(rows.values()))) == 0:
+        if a.dtype != dtype or a.ndim != len(info.shape):
+            want = np.dtype(dtype).name if dtype else info.type
+            takes = (f"the input is a scalar (rank 0, {want}): one value for every row" if not info.shape else
+                     f"the input takes {want} of rank {len(info.shape)} {_dims(info.shape)}, "
+                     "one row per sample along the first axis")
+            raise CaptureError(f"{path}: calibration array {info.name!r} is {a.dtype} {list(a.shape)}; {takes}")
+    counts = {n: len(a) for n, a in rows.items() if a.ndim}
+    if len(set(counts.values())) > 1:
+        raise CaptureError(f"{path}: calibration arrays have different row counts {counts}")
+    if _num_rows(rows) == 0:
         raise CaptureError(f"{path}: calibration arrays have 0 rows")
     sizes: dict[str, tuple[int, str]] = {}  # a named size (past the rows axis), as the first input with it sets it
     for info in inputs:
@@ -303,11 +367,9 @@ def load_calibration(path: str | Path | None, session) -> dict[str, np.ndarray]:
             if got != size:
                 raise CaptureError(f"{path}: calibration array {info.name!r} has shape {list(shape)}; the input is "
                                    f"{_dims(info.shape)}, so axis {axis} must be {expected}")
-    try:  # anything else onnxruntime objects to (token ids past the vocabulary, say), said now and in one line
-        session.run(None, _first(rows, VERIFY_BATCH * 4))
-    except Exception as e:
-        line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise CaptureError(f"{path}: onnxruntime cannot run the input on the calibration rows: {line[:300]}") from None
+    error = run_error(session, _first(rows, VERIFY_BATCH * 4))  # token ids past the vocabulary, say: said now
+    if error:
+        raise CaptureError(f"{path}: onnxruntime cannot run the input on the calibration rows: {error}")
     return rows
 
 
@@ -370,9 +432,8 @@ def _data_file(path: Path) -> Path:
 
 def _save(model: ir.Model, path: Path) -> None:
     """Write `model` so that it owns its weights: an input's external data is copied, never referred to."""
-    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     try:
-        if size > EXTERNAL_DATA_ABOVE:
+        if _weight_bytes(model) > EXTERNAL_DATA_ABOVE:
             ir.save(model, path, external_data=_data_file(path).name)
         else:
             ir.save(ir.external_data.load_to_model(model), path)

@@ -35,8 +35,9 @@ class BadInput(click.ClickException):
               help="standard: ONNX ops only (Attention, opset 23). onnxruntime: may use com.microsoft "
                    "contrib ops that onnxruntime's CPU provider has kernels for (MultiHeadAttention, MoE).")
 @click.option("--calibration", type=click.Path(exists=False, dir_okay=False), default=None,
-              help="An .npz of input rows (arrays named after the model's inputs, one row per sample): verified on "
-                   "besides random inputs; early_exit fits and certifies its exits on it.")
+              help="An .npz of input rows (arrays named after the model's inputs, one row per sample; a scalar "
+                   "input takes one value): verified on besides random inputs (instead of them where the model "
+                   "rejects those); early_exit fits and certifies its exits on it.")
 @click.option("--quality", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=None,
               help="early_exit: agreement with the original to keep (same class; cosine for embeddings)  [default: 0.99]")
 @click.option("--delta", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.1, show_default=True,

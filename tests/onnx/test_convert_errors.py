@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
@@ -281,3 +283,116 @@ def test_no_verify_still_writes(good_model, tmp_path):
     result = CliRunner().invoke(main, ["convert", str(good_model), "-o", str(out), "--no-verify", "--json"])
     assert result.exit_code == 0 and out.exists()
     assert '"skipped": "--no-verify"' in result.output
+
+
+class SelfAttention(torch.nn.Module):
+    """One softmax attention block: enough for the default target's opset-23 upgrade and fusion to run."""
+
+    def __init__(self, width=32, heads=4) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, width = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(y.transpose(1, 2).reshape(b, n, width))
+
+
+@pytest.fixture(scope="module")
+def dynamo_external(tmp_path_factory):
+    """A dynamo export whose weights torch wrote to x.onnx.data beside it (a relative location)."""
+    path = tmp_path_factory.mktemp("export") / "x.onnx"
+    torch.manual_seed(0)
+    dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=1024)}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(SelfAttention().eval(), (torch.randn(2, 16, 32),), dynamo=True, input_names=["x"],
+                                    output_names=["y"], dynamic_shapes=(dims,), verbose=False)
+        program.save(str(path), external_data=True)
+    assert (path.parent / "x.onnx.data").exists()
+    return path
+
+
+@pytest.mark.parametrize("output", ["cwd", "third folder"])
+def test_dynamo_export_with_external_data_converts_from_another_directory(dynamo_external, tmp_path, monkeypatch,
+                                                                           output):
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # neither the input's folder nor the output's
+    out = "x.fast.onnx" if output == "cwd" else tmp_path / "out" / "x.fast.onnx"
+    result = CliRunner().invoke(main, ["convert", str(dynamo_external), "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"fired": 1' in result.output  # the opset-23 upgrade and the attention fusion both ran
+    x = np.random.default_rng(3).standard_normal((3, 5, 32)).astype(np.float32)
+    want = ort.InferenceSession(str(dynamo_external), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def vad_graph():
+    """silero-vad's signature: audio [batch, samples] in 512-sample frames, a state, and a scalar int64 `sr`
+    (the sample rate, rescaling the energy). adaptc's invented 16-sample audio cannot be framed."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    consts = [numpy_helper.from_array(np.array([0, -1, 512], np.int64), "frame_shape"),
+              numpy_helper.from_array(np.array(16000.0, np.float32), "rate")]
+    nodes = [helper.make_node("Reshape", ["input", "frame_shape"], ["frames"]),
+             helper.make_node("Mul", ["frames", "frames"], ["power"]),
+             helper.make_node("ReduceMean", ["power"], ["energy"], axes=[2], keepdims=0),  # [batch, frames]
+             helper.make_node("Cast", ["sr"], ["sr_f"], to=f),
+             helper.make_node("Div", ["sr_f", "rate"], ["scale"]),
+             helper.make_node("Mul", ["energy", "scale"], ["scaled"]),
+             helper.make_node("Sigmoid", ["scaled"], ["output"]),
+             helper.make_node("Mul", ["state", "scale"], ["stateN"])]
+    graph = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("input", f, [None, None]),
+                                             helper.make_tensor_value_info("state", f, [None, 128]),
+                                             helper.make_tensor_value_info("sr", i64, [])],
+                              [helper.make_tensor_value_info("output", f, [None, None]),
+                               helper.make_tensor_value_info("stateN", f, [None, 128])], consts)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def vad_model(tmp_path):
+    path = tmp_path / "vad.onnx"
+    onnx.save(vad_graph(), path)
+    return path
+
+
+def vad_rows(rows=3, sr=np.array(16000, np.int64)):
+    rng = np.random.default_rng(0)
+    return {"input": rng.standard_normal((rows, 1024)).astype(np.float32), "state": np.zeros((rows, 128), np.float32),
+            "sr": sr}
+
+
+def test_invented_inputs_the_original_rejects_ask_for_calibration(vad_model, tmp_path, capfd):
+    out = tmp_path / "o.onnx"
+    assert_one_line_error(convert(vad_model, "-o", out), 2, "the original model rejects adaptc's invented inputs",
+                          "'input': [2, 16]", "Reshape node: The input tensor cannot be reshaped", "--calibration")
+    assert "reshape_helper" not in capfd.readouterr().err  # nor onnxruntime's own log of it, nor its C++ source line
+    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+
+
+def test_scalar_input_from_calibration(vad_model, tmp_path):
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, **vad_rows())
+    out = tmp_path / "o.onnx"
+    result = CliRunner().invoke(main, ["convert", str(vad_model), "-o", str(out), "--calibration", str(cal), "--json"])
+    assert result.exit_code == 0, result.output
+    feeds = {**vad_rows(rows=2), "sr": np.array(8000, np.int64)}
+    want = ort.InferenceSession(str(vad_model), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"sr": np.array([16000], np.int64)}, ["'sr' is int64 [1]", "a scalar (rank 0, int64): one value for every row"]),
+    ({"sr": np.array(16000.0)}, ["'sr' is float64 []", "a scalar (rank 0, int64)"]),
+    ({"input": np.array(0.5, np.float32)}, ["'input' is float32 []", "float32 of rank 2", "one row per sample"]),
+])
+def test_scalar_calibration_messages(vad_model, tmp_path, change, words):
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, **{**vad_rows(), **change})
+    result = convert(vad_model, "-o", tmp_path / "o.onnx", "--calibration", cal)
+    assert_one_line_error(result, 2, "cal.npz", *words)
+    assert "rank 0 [], one row per sample" not in result.output

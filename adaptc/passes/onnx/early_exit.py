@@ -296,7 +296,7 @@ def insert_exits(model: ir.Model, original, rows: dict[str, np.ndarray], quality
         layout = find_layout(model)
     except Decline as why:
         return {**report, "status": "skipped", "reason": str(why)}
-    n = len(next(iter(rows.values())))
+    n = _num_rows(rows)
     L = layout.num_layers
     perm = np.random.default_rng(seed).permutation(n)
     fit, held = np.sort(perm[: int(n * FIT_FRACTION)]), np.sort(perm[int(n * FIT_FRACTION):])
@@ -312,7 +312,7 @@ def insert_exits(model: ir.Model, original, rows: dict[str, np.ndarray], quality
     measures = MEASURES[layout.agreement] if _width(layout.primary) != 1 else ("saturation",)
     confidence, agreement = probe(model, heads, measures, original, _take(rows, held), progress)
     exits = list(range(L - 1))  # exit e leaves after layer e (0-based), reading boundary e + 1
-    seq = next(iter(rows.values())).shape[1] if next(iter(rows.values())).ndim > 1 else 1
+    seq = next((v.shape[1] for v in rows.values() if v.ndim > 1), 1)
     hidden = layout.boundaries[0].shape[2]
     cost = cost_fractions(exits, layout.layer_weights * seq, (hidden * hidden + layout.tail_weights) * seq, L)
     A = torch.as_tensor(agreement, dtype=torch.float64)
@@ -326,20 +326,23 @@ def insert_exits(model: ir.Model, original, rows: dict[str, np.ndarray], quality
     return {**report, "status": "applied", "reason": ""}
 
 
+def _num_rows(rows: dict[str, np.ndarray]) -> int:
+    return next((len(v) for v in rows.values() if v.ndim), 1)  # a scalar input (rank 0) goes with every row
+
+
 def _take(rows: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: v[idx] for k, v in rows.items()}
+    return {k: v[idx] if v.ndim else v for k, v in rows.items()}
 
 
 def _batches(rows: dict[str, np.ndarray], size: int = BATCH, progress: str | None = None):
     """Row batches; `progress`: a tqdm bar with that description."""
-    n = len(next(iter(rows.values())))
-    starts = range(0, n, size)
+    starts = range(0, _num_rows(rows), size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=progress, leave=False, mininterval=0.5)
     for i in starts:
-        yield {k: v[i:i + size] for k, v in rows.items()}
+        yield {k: v[i:i + size] if v.ndim else v for k, v in rows.items()}
 
 
 def _width(value: ir.Value) -> int | None:
