@@ -147,10 +147,12 @@ def test_module_edit_rolls_back_in_reverse():
 
 
 def test_compile_config_round_trips():
-    cfg = CompileConfig(passes=["moe_fusion"], quality=0.99, capture="graph")
+    cfg = CompileConfig(passes=["moe_fusion"], quality=0.99, capture="graph", progress=True)
     assert CompileConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError):
         CompileConfig(quality=1.5)
+    with pytest.raises(ValueError, match="progress must be"):
+        CompileConfig(progress="yes")
 
 
 def test_import_touches_no_gpu():

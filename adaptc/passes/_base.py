@@ -144,8 +144,7 @@ class Pass:
 
     def option(self, ctx: CompileContext, name: str) -> Any:
         """The user's value of a declared option, else its default (KeyError for an undeclared name)."""
-        default = self.options[name]
-        return ctx.config.options.get(name, default)
+        return ctx.config.options.get(name, self.options[name])
 
     def match(self, ctx: CompileContext) -> list[Site]:
         """Every candidate site, without changing anything."""

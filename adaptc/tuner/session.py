@@ -21,7 +21,6 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
     """
     from ..cache import default_cache
     from ..progress import Steps
-
     from .cost_model import CostModel
     from .device import device_fingerprint
 
