@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import time
 import warnings
 from typing import Any, Iterable
@@ -94,8 +96,18 @@ def report(module: nn.Module) -> dict[str, Any]:
 
 
 def _config_options(options: dict[str, Any]) -> dict[str, Any]:
-    names = ("capture", "verify", "verify_random_inputs", "seed", "tune", "tune_trials", "tune_seconds")
-    known = {k: options.pop(k) for k in names if k in options}
+    """compile's keyword options: CompileConfig's fields by name, the rest for the passes that declare
+    them (Pass.options; any pass's, selected or not). Any other name is a typo: an error naming the
+    nearest valid name, never a setting silently ignored."""
+    fields = [f.name for f in dataclasses.fields(CompileConfig) if f.name not in ("passes", "quality", "device", "options")]
+    declared = {name for cls in pass_registry.registry().values() for name in cls.options}
+    unknown = [k for k in options if k not in fields and k not in declared]
+    if unknown:
+        valid = sorted({*fields, *declared, "passes", "calibration", "quality", "device", "example_kwargs"})
+        near = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f": did you mean {near[0]!r}?" if near else f"; the options are: {', '.join(valid)}"
+        raise AdaptcError(f"unknown compile option {unknown[0]!r}{hint}")
+    known = {k: options.pop(k) for k in fields if k in options}
     return {**known, "options": options}
 
 
@@ -111,7 +123,7 @@ def _tune(ctx: CompileContext) -> dict[str, Any]:
 
     c = ctx.config
     budget = Budget(trials=c.tune_trials, seconds=c.tune_seconds)
-    return tune_calls(lambda: ctx.working(*ctx.inputs.args, **ctx.inputs.kwargs), budget, seed=c.seed)
+    return tune_calls(lambda: ctx.working(*ctx.inputs.args, **ctx.inputs.kwargs), budget, seed=c.seed, progress=c.progress)
 
 
 def _emit(ctx: CompileContext, verification: dict, keeps: list[str] = ()) -> tuple[nn.Module, dict[str, Any]]:

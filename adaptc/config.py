@@ -28,6 +28,10 @@ class CompileConfig:
     tune: bool = True
     tune_trials: int = 12        # measurements per kernel problem, at most
     tune_seconds: float = 20.0   # wall time per kernel problem, at most
+    # Progress bars for the long steps (distillation, tuning): None shows them when stderr is a
+    # terminal, else one summary line a step; True always; False never, and no summary lines either.
+    progress: bool | None = None
+    # Options the passes read (each pass declares its own: Pass.options); compile() refuses other names.
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -39,6 +43,8 @@ class CompileConfig:
             raise ValueError(f"quality must be in (0, 1], got {self.quality}")
         if self.verify_random_inputs < 0:
             raise ValueError("verify_random_inputs must be >= 0")
+        if self.progress not in (None, True, False):
+            raise ValueError(f"progress must be None (bars on a terminal), True or False, got {self.progress!r}")
         if self.tune_trials < 1 or self.tune_seconds <= 0:
             raise ValueError("tune_trials must be >= 1 and tune_seconds > 0 (tune=False turns tuning off)")
 

@@ -15,7 +15,6 @@ import contextlib
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -284,7 +283,7 @@ def _early_exit(model: ir.Model, original, rows: dict[str, np.ndarray], quality:
     they are rolled back: `tmp` keeps the model without them)."""
     from .passes.onnx.early_exit import insert_exits, runtime_agreement
 
-    ee = insert_exits(model, original, rows, quality=quality, delta=delta, seed=seed, progress=sys.stderr.isatty())
+    ee = insert_exits(model, original, rows, quality=quality, delta=delta, seed=seed)  # bars by adaptc.progress
     if ee["status"] != "applied":
         return ee
     attempt = tmp.parent / "exits" / tmp.name  # its own folder: its external data must not replace tmp's yet

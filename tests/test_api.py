@@ -82,6 +82,35 @@ def test_bad_arguments_are_clear():
         adaptc.report(nn.Linear(2, 2))
 
 
+def test_a_misspelled_option_is_an_error_naming_the_nearest_valid_name():
+    x = (torch.randn(1, 2),)
+    for typo, meant in (("tnue", "tune"), ("tune_trails", "tune_trials"), ("calibraton", "calibration"),
+                        ("max_lenght", "max_length"), ("distil_steps", "distill_steps"), ("progres", "progress")):
+        with pytest.raises(adaptc.AdaptcError) as err:
+            adaptc.compile(nn.Linear(2, 2), example_inputs=x, **{typo: False})
+        assert str(err.value) == f"unknown compile option {typo!r}: did you mean {meant!r}?"
+    with pytest.raises(adaptc.AdaptcError, match="unknown compile option 'zzzz'; the options are: .*tune_trials"):
+        adaptc.compile(nn.Linear(2, 2), example_inputs=x, zzzz=1)
+    # Every option some pass declares is valid, selected or not: early_exit's tokenizer with the exact passes.
+    fast = adaptc.compile(nn.Linear(2, 2), example_inputs=x, tune=False, tokenizer=None, max_length=8, progress=False)
+    assert adaptc.report(fast)["config"]["options"] == {"tokenizer": None, "max_length": 8}
+    assert adaptc.report(fast)["config"]["progress"] is False
+
+
+def test_every_option_a_pass_reads_is_declared():
+    """A pass reads its options through Pass.option, which knows only the declared ones."""
+    import inspect
+    import re
+
+    from adaptc import passes
+
+    for cls in passes.registry().values():
+        source = inspect.getsource(inspect.getmodule(cls))
+        assert "options.get(" not in source, cls.name  # undeclared reads would let typos through again
+        read = set(re.findall(r"option\(ctx, \"(\w+)\"\)", source))
+        assert read <= set(cls.options), (cls.name, read - set(cls.options))
+
+
 class BreakLinear(Pass):
     """A wrong rewrite: the manager must catch it and roll it back."""
 
@@ -118,10 +147,12 @@ def test_module_edit_rolls_back_in_reverse():
 
 
 def test_compile_config_round_trips():
-    cfg = CompileConfig(passes=["moe_fusion"], quality=0.99, capture="graph")
+    cfg = CompileConfig(passes=["moe_fusion"], quality=0.99, capture="graph", progress=True)
     assert CompileConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     with pytest.raises(ValueError):
         CompileConfig(quality=1.5)
+    with pytest.raises(ValueError, match="progress must be"):
+        CompileConfig(progress="yes")
 
 
 def test_import_touches_no_gpu():
@@ -154,7 +185,7 @@ def test_bert_with_token_type_ids_and_object_options_compiles_with_a_json_report
     model = tf.AutoModel.from_config(cfg).eval()
     ids = torch.randint(0, 128, (2, 10))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    fast = adaptc.compile(model, example_inputs=example, tune=False, some_object=object())
+    fast = adaptc.compile(model, example_inputs=example, tune=False, tokenizer=object())  # early_exit's, unselected
     report = json.loads(json.dumps(adaptc.report(fast)))  # random check inputs keep token types in range
     assert {p["name"]: p["status"] for p in report["passes"]}["attention_fusion"] == "applied"
-    assert report["config"]["options"]["some_object"] == "<object>"
+    assert report["config"]["options"]["tokenizer"] == "<object>"

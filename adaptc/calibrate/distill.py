@@ -35,9 +35,12 @@ def distill_heads(heads: nn.ModuleList, features: list[torch.Tensor], target: to
                   student: Callable[[nn.Module, torch.Tensor], torch.Tensor],
                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                   steps: int = 300, batch: int = 64, lr: float = 3e-3, seed: int = 0,
-                  progress: bool = True, desc: str = "distilling exit heads") -> DistillResult:
+                  progress: bool | None = None, desc: str = "distilling exit heads") -> DistillResult:
     """Train heads[e] so that student(heads[e], features[e]) matches `target` (teacher outputs, one
-    row per sample). features[e]: [n, H] states at exit e. Deterministic for a given seed."""
+    row per sample). features[e]: [n, H] states at exit e. Deterministic for a given seed.
+    `progress`: a bar, one summary line or nothing (adaptc.progress)."""
+    from ..progress import Steps
+
     n = target.shape[0]
     gen = torch.Generator().manual_seed(seed)
     params = [p for h in heads for p in h.parameters()]
@@ -52,19 +55,16 @@ def distill_heads(heads: nn.ModuleList, features: list[torch.Tensor], target: to
     with torch.no_grad():
         first = [float(x) for x in losses()]
     start = [{k: v.clone() for k, v in h.state_dict().items()} for h in heads]
-    bar = _progress(steps, desc) if progress else None
     heads.train()
-    for _ in range(steps):
-        rows = torch.randint(0, n, (min(batch, n),), generator=gen)
-        loss = torch.stack(losses(rows)).sum()  # exits are independent: one sum trains them all
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    if bar is not None:
-        bar.close()
+    with Steps(desc, steps, progress) as bar:
+        for _ in range(steps):
+            rows = torch.randint(0, n, (min(batch, n),), generator=gen)
+            loss = torch.stack(losses(rows)).sum()  # exits are independent: one sum trains them all
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.advance(note=f"loss {loss.item():.4f}")
+        bar.done = f"distilled {len(heads)} exit heads ({steps} steps)"
     heads.eval()
     for p in params:
         p.requires_grad_(False)
@@ -133,9 +133,3 @@ def _logistic(z: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor
     with torch.enable_grad():
         opt.step(closure)
     return w.detach(), b.detach()
-
-
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, mininterval=0.5)

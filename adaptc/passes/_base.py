@@ -138,6 +138,13 @@ class Pass:
     needs_calibration: ClassVar[bool] = False
     # Runtime control flow (exits, routers) that a whole-graph export would freeze: emit keeps blocks.
     keeps_blocks: ClassVar[bool] = False
+    # The compile options (`adaptc.compile(..., name=value)`) this pass reads, with their defaults;
+    # compile refuses a name no pass declares, so a typo is an error, not a silently ignored setting.
+    options: ClassVar[dict[str, Any]] = {}
+
+    def option(self, ctx: CompileContext, name: str) -> Any:
+        """The user's value of a declared option, else its default (KeyError for an undeclared name)."""
+        return ctx.config.options.get(name, self.options[name])
 
     def match(self, ctx: CompileContext) -> list[Site]:
         """Every candidate site, without changing anything."""

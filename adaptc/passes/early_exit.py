@@ -64,15 +64,16 @@ def find_structure(model: nn.Module) -> Structure | None:
     return None
 
 
-def calibration_batches(calibration: Any, options: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
-    """Calibration data as keyword batches: texts (with options["tokenizer"]), tokenizer outputs /
-    dicts, or tensors of token ids."""
+def calibration_batches(calibration: Any, tokenizer: Any = None, size: int = 16,
+                        max_len: int = 128) -> list[dict[str, torch.Tensor]]:
+    """Calibration data as keyword batches: texts (with a tokenizer, `size` texts a batch), tokenizer
+    outputs / dicts, or tensors of token ids."""
     items = list(calibration)
     if items and all(isinstance(x, str) for x in items):
-        tok = options.get("tokenizer")
+        tok = tokenizer
         if tok is None:
             raise AdaptcError("calibration is text: pass tokenizer=... to compile() so it can be tokenized")
-        size, max_len = int(options.get("calibration_batch", 16)), int(options.get("max_length", 128))
+        size, max_len = int(size), int(max_len)
         return [dict(tok(items[i:i + size], return_tensors="pt", padding=True, truncation=True, max_length=max_len))
                 for i in range(0, len(items), size)]
     out = []
@@ -192,9 +193,20 @@ class EarlyExit(Pass):
     exact = False
     needs_calibration = True
     keeps_blocks = True  # exits are data-dependent control flow between blocks: they do not export
+    options = {
+        "tokenizer": None, "calibration_batch": 16, "max_length": 128,  # for calibration given as text
+        "delta": DEFAULT_DELTA,        # the quality guarantee holds with probability 1 - delta
+        "distill_fraction": 0.4,       # of the calibration rows (passages for an LM) fit the exit heads
+        "distill_steps": 300, "distill_lr": 1e-3, "adapter_ridge": 1e-2,
+        "first_exit": None,            # the first block an LM may exit after; None: half the blocks
+    }
 
     def __init__(self) -> None:
         self.details: dict[str, Any] = {}
+
+    def _batches(self, ctx: CompileContext) -> list[dict[str, torch.Tensor]]:
+        return calibration_batches(ctx.calibration, self.option(ctx, "tokenizer"),
+                                   self.option(ctx, "calibration_batch"), self.option(ctx, "max_length"))
 
     def no_sites_reason(self) -> str:
         return "no BERT-like encoder / classifier or causal-LM layer stack with a final norm and LM head"
@@ -205,11 +217,10 @@ class EarlyExit(Pass):
 
     # -- check: distil, measure, calibrate (the verdict needs all of it) --------------------------
     def check(self, ctx: CompileContext, site: Site) -> str | None:
-        opts = ctx.config.options
         quality = ctx.config.quality or DEFAULT_QUALITY
-        delta = float(opts.get("delta", DEFAULT_DELTA))
+        delta = float(self.option(ctx, "delta"))
         s: Structure = site.info["structure"]
-        batches = calibration_batches(ctx.calibration, opts)
+        batches = self._batches(ctx)
         self._original_layers = find_structure(ctx.original).layers  # hooks go where the teacher runs
         self.details = {"kind": s.kind, "quality": quality, "delta": delta, "num_layers": len(s.layers),
                         "calibration_batches": len(batches)}
@@ -244,7 +255,7 @@ class EarlyExit(Pass):
         R, T = torch.cat(readouts, 1), torch.cat(teacher)
         n = T.shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.config.seed))
-        n_train = int(n * float(ctx.config.options.get("distill_fraction", 0.4)))
+        n_train = int(n * float(self.option(ctx, "distill_fraction")))
         train, held = perm[:n_train], perm[n_train:]
         exits = list(range(L - 1))
         hidden = R.shape[-1]
@@ -254,11 +265,10 @@ class EarlyExit(Pass):
             student, loss = (lambda head, x: tail(head(x))), kl_to_teacher
         else:
             student, loss = (lambda head, x: head(x)), cosine_to_teacher
-        opts = ctx.config.options
         least_squares_init([h.adapter for h in heads], [R[l + 1][train] for l in exits], R[L][train])
         distilled = distill_heads(heads, [R[l + 1][train] for l in exits], T[train], student, loss,
-                                  steps=int(opts.get("distill_steps", 300)), lr=float(opts.get("distill_lr", 1e-3)), seed=ctx.config.seed,
-                                  progress=bool(opts.get("progress", True)))
+                                  steps=int(self.option(ctx, "distill_steps")), lr=float(self.option(ctx, "distill_lr")),
+                                  seed=ctx.config.seed, progress=ctx.config.progress)
         self.details["distillation"] = {"rows": int(train.numel()), **distilled.to_dict()}
         with torch.no_grad():
             sig = [encoder_signals(s.kind, heads[e], tail, R[l][held], R[l + 1][held]) for e, l in enumerate(exits)]
@@ -320,21 +330,21 @@ class EarlyExit(Pass):
         from ..calibrate.distill import fit_agreement_predictor, least_squares_init
 
         L = len(s.layers)
-        opts = ctx.config.options
-        first = int(opts.get("first_exit", L // 2))  # earlier blocks rarely agree with the last
+        first = self.option(ctx, "first_exit")
+        first = L // 2 if first is None else int(first)  # earlier blocks rarely agree with the last
         candidates = list(range(first, L - 1))
         if not candidates:
             return "too few blocks to place an exit"
         # Passages, not tokens, are split between fitting (adapters, predictors) and calibrating the
         # thresholds: tokens of one passage are alike, and the guarantee needs unseen data.
-        fit, cal = self._lm_states(ctx, s, batches, candidates, float(opts.get("distill_fraction", 0.4)))
+        fit, cal = self._lm_states(ctx, s, batches, candidates, float(self.option(ctx, "distill_fraction")))
         D = fit["states"].shape[-1]
         ref = s.lm_head.weight
         heads = LMExitHeads(D, len(candidates), predictors=True).to(ref.device, ref.dtype)
         with torch.no_grad():
             least_squares_init([heads.adapters[c].adapter for c in range(len(candidates))],
                                [fit["states"][c + 1] for c in range(len(candidates))], fit["states"][-1],
-                               ridge=float(opts.get("adapter_ridge", 1e-2)))
+                               ridge=float(self.option(ctx, "adapter_ridge")))
             for part in (fit, cal):
                 part["signals"] = [lm_token_signals(s.norm, s.lm_head, part["states"][c], heads.adapters[c](part["states"][c + 1]))
                                    for c in range(len(candidates))]
@@ -470,8 +480,7 @@ class EarlyExit(Pass):
                 total.inputs_checked += 1
         measured = getattr(self, "_lm_runtime_agreement", None)
         if measured is None:
-            measured = runtime_agreement(ctx.original, ctx.working, self._kind,
-                                         calibration_batches(ctx.calibration, ctx.config.options))
+            measured = runtime_agreement(ctx.original, ctx.working, self._kind, self._batches(ctx))
         self.details["runtime_agreement_on_calibration_data"] = round(measured, 5)
         total.max_rel = total.max_abs = 1.0 - measured
         if measured < self._quality:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 
 import click
 
@@ -140,11 +139,9 @@ def tune_command(kernel, problems, sweeps, tokens, hf_config, batch, seqs, dtype
 
 
 def _tune_jobs(kernel, jobs, device, budget, strategy, store, as_json) -> list[dict]:
-    from rich.console import Console
-    from rich.progress import Progress
-
     from ..cache import default_cache
     from ..kernels import KERNELS
+    from ..progress import Steps
     from .cost_model import NO_LIGHTGBM, CostModel, have_lightgbm
     from .device import device_fingerprint
     from .tune import tune
@@ -159,15 +156,15 @@ def _tune_jobs(kernel, jobs, device, budget, strategy, store, as_json) -> list[d
     elif strategy == "model+tpe":
         model = CostModel.train(kernel, impl, cache.scan().records, device=fp.id, units=fp.units)
     rows = []
-    with Progress(console=Console(stderr=True), disable=as_json or not sys.stderr.isatty()) as progress:
-        task = progress.add_task(f"tuning {kernel}/{impl}", total=len(jobs) * budget.trials)
+    with Steps(f"tuning {kernel}/{impl}", len(jobs) * budget.trials, False if as_json else None) as steps:
         for job in jobs:
             args = k.example(dict(job), device)
             out = tune(kernel, impl, args, cache=cache, budget=budget, strategy=strategy, cost_model=model,
-                       storage=store, on_trial=lambda _: progress.advance(task))
-            progress.advance(task, budget.trials - out.measured)
+                       storage=store, on_trial=lambda _: steps.advance())
+            steps.advance(budget.trials - out.measured)
             rows.append({"problem": out.problem, "source": out.source, "measured": out.measured,
                          "time_ms": out.time_s * 1e3 if out.time_s else None, "config": out.config})
+        steps.done = f"tuned {len(rows)} {kernel}/{impl} problem(s): {sum(r['measured'] for r in rows)} measurements"
     return rows
 
 
@@ -200,7 +197,8 @@ def _tune_model(path, batch, seqs, dtype, device, budget, strategy, store, as_js
             fast = adaptc.compile(model, example_inputs=(ids,), tune=False)
         except AdaptcError as e:
             raise click.ClickException(str(e)) from None
-        tuning = tune_calls(lambda: fast(ids), budget, strategy=strategy, storage=store)
+        tuning = tune_calls(lambda: fast(ids), budget, strategy=strategy, storage=store,
+                            progress=False if as_json else None)
         totals = {k: totals[k] + tuning[k] for k in totals}
         kernels += [{"seq": seq, **k} for k in tuning["kernels"]]
     if as_json:

@@ -3,7 +3,6 @@ one some machine measured before, from the tuning cache. `tune_calls` is what `a
 importing this module makes the cache the kernels' config source at run time."""
 from __future__ import annotations
 
-import sys
 import warnings
 from typing import Any, Callable
 
@@ -14,15 +13,14 @@ from .tune import Budget, Outcome, cached, key_for, record_key, tune
 
 
 def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any = None, strategy: str = "model+tpe",
-               seed: int = 0, storage: Any = None) -> dict[str, Any]:
+               seed: int = 0, storage: Any = None, progress: bool | None = None) -> dict[str, Any]:
     """Run `run()` once to see which kernel problems it calls, then tune each (cache first); `storage`
-    shares each problem's study with other workers (`tune.optuna_storage`).
+    shares each problem's study with other workers (`tune.optuna_storage`); `progress`: see adaptc.progress.
 
     Returns the report's `tuning` entry: {measured, cache_hits, kernels: [...]}.
     """
-    from rich.progress import Progress
-
     from ..cache import default_cache
+    from ..progress import Steps
     from .cost_model import NO_LIGHTGBM, CostModel, have_lightgbm
     from .device import device_fingerprint
 
@@ -33,10 +31,9 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
     outcomes: list[Outcome] = []
     tunable = [(k, i, a) for k, i, a in calls.values() if KERNELS[k].implementations[i].space is not None]
     learn = strategy == "model+tpe"
-    with Progress(transient=True, disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task("tuning kernels", total=len(tunable) * budget.trials)
+    with Steps("tuning kernels", len(tunable) * budget.trials, progress if tunable else False) as steps:
         for kernel, impl, args in tunable:
-            progress.update(task, description=f"tuning {kernel}/{impl}")
+            steps.describe(f"tuning {kernel}/{impl}")
             # The model trains on the whole cache: only worth it when something must be measured.
             wanted = learn and (kernel, impl) not in models and cached(cache, record_key(kernel, impl, args)) is None
             if wanted and not have_lightgbm():  # said once, not once per kernel
@@ -53,9 +50,12 @@ def tune_calls(run: Callable[[], Any], budget: Budget = Budget(), *, cache: Any 
                     models[(kernel, impl)] = None
             outcome = tune(kernel, impl, args, cache=cache, budget=budget, strategy=strategy, seed=seed,
                            cost_model=models.get((kernel, impl)), storage=storage,
-                           on_trial=lambda _: progress.advance(task))
-            progress.advance(task, budget.trials - outcome.measured)
+                           on_trial=lambda _: steps.advance())
+            steps.advance(budget.trials - outcome.measured)
             outcomes.append(outcome)
+        hits = sum(o.source == "cache" for o in outcomes)
+        steps.done = (f"tuned {len(outcomes)} kernel problem(s): {sum(o.measured for o in outcomes)} measurements, "
+                      f"{hits} from the cache")
     return {
         "measured": sum(o.measured for o in outcomes),
         "cache_hits": sum(o.source == "cache" for o in outcomes),

@@ -64,15 +64,31 @@ def test_bad_bundle_and_dead_server_are_clear_errors(tmp_path, dead_url):
     other.write_text('{"records": []}')
     assert "not an adaptc tuning bundle" in run("import", str(other)).output
     for scheme in ("redis", "postgresql"):
-        # The store the user named cannot be read: what could be read is shown, and the exit says it failed.
-        dead = run("stats", "--url", dead_url(scheme), "--json")
-        assert dead.exit_code == 1 and "Traceback" not in dead.output
-        stats = json.loads(dead.stdout)  # stdout stays one JSON document
-        assert stats["records"] == 0 and "unreachable" in stats["shared"]["error"]
-        assert dead.stderr.count("warning:") == 1 and "Error: the shared tuning cache failed" in dead.stderr
-        assert "secret" not in dead.output
-        listed = run("list", "--url", dead_url(scheme))
-        assert listed.exit_code == 1 and "Error:" in listed.stderr and "secret" not in listed.output
+        # The store the user named cannot be read: nothing on stdout (no half table, no empty document
+        # a script would take for "no records"), the error on stderr, exit 1.
+        for command in (["stats"], ["stats", "--json"], ["list"], ["list", "--json"]):
+            dead = run(*command, "--url", dead_url(scheme))
+            assert dead.exit_code == 1 and dead.stdout == "" and "Traceback" not in dead.output, (command, dead.output)
+            assert dead.stderr.count("warning:") == 1 and "Error: the shared tuning cache failed" in dead.stderr
+            assert "unreachable" in dead.stderr and "secret" not in dead.output
+
+
+def test_list_in_a_pipe_is_one_record_a_line_however_long(tmp_path):
+    cache = open_cache()
+    long = TuningRecord(make_record(0).key, config={f"PARAMETER_NUMBER_{i}": 1000 + i for i in range(12)}, time_s=2e-3)
+    cache.put(long)
+    cache.put(make_record(1))
+    result = run("list")  # CliRunner's stdout is not a terminal, as in `adaptc cache list | cat`
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == ["kernel", "problem", "dtype", "device", "config", "time", "status"]
+    assert len(lines) == 3 and max(len(l) for l in lines) > 200  # not wrapped at 80 columns
+    row = dict(zip(lines[0].split("\t"), next(l for l in lines if "PARAMETER" in l).split("\t")))
+    assert row["config"] == ", ".join(f"{k}={v}" for k, v in sorted(long.config.items()))
+    assert row["time"] == "2 ms" and row["status"] == "ok" and row["kernel"] == "fused_moe"
+    assert "2 records" in result.stderr  # the count is not a record
+    stats = run("stats")
+    assert stats.exit_code == 0 and all("…" not in l for l in stats.stdout.splitlines())  # paths whole
 
 
 def _bundle(tmp_path, records, schema=None):

@@ -286,10 +286,11 @@ def _np(value: ir.Value) -> np.dtype:
 # -- the pass ------------------------------------------------------------------------------------------
 
 def insert_exits(model: ir.Model, original, rows: dict[str, np.ndarray], quality: float | None = None,
-                 delta: float = DEFAULT_DELTA, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+                 delta: float = DEFAULT_DELTA, seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
     """Fit, calibrate and (when some exit meets `quality`) insert exits into `model` in place.
     `original`: an onnxruntime session of the unmodified model (the teacher); `rows`: calibration
-    arrays named after the inputs, one row per sample. Returns the report; "status" says what happened."""
+    arrays named after the inputs, one row per sample; `progress`: adaptc.progress's rule. Returns the
+    report; "status" says what happened."""
     quality = DEFAULT_QUALITY if quality is None else float(quality)
     report: dict[str, Any] = {"name": "early_exit", "quality": quality, "delta": delta}
     try:
@@ -334,15 +335,17 @@ def _take(rows: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]
     return {k: v[idx] if v.ndim else v for k, v in rows.items()}
 
 
-def _batches(rows: dict[str, np.ndarray], size: int = BATCH, progress: str | None = None):
-    """Row batches; `progress`: a tqdm bar with that description."""
-    starts = range(0, _num_rows(rows), size)
-    if progress:
-        from tqdm.auto import tqdm
+def _batches(rows: dict[str, np.ndarray], size: int = BATCH, step: tuple[str, str] = ("", ""),
+             progress: bool | None = False):
+    """Row batches, counted by an adaptc.progress step: `step` is (while it runs, once it is done)."""
+    from ...progress import Steps
 
-        starts = tqdm(starts, desc=progress, leave=False, mininterval=0.5)
-    for i in starts:
-        yield {k: v[i:i + size] if v.ndim else v for k, v in rows.items()}
+    n = _num_rows(rows)
+    with Steps(step[0], n, progress) as steps:
+        for i in range(0, n, size):
+            yield {k: v[i:i + size] if v.ndim else v for k, v in rows.items()}
+            steps.advance(min(size, n - i))
+        steps.done = f"{step[1]} on {n} rows"
 
 
 def _width(value: ir.Value) -> int | None:
@@ -371,7 +374,7 @@ def _valid_tokens(mask: ir.Value | str | None, feed: dict[str, np.ndarray], shap
 
 
 def fit_heads(model: ir.Model, layout: Layout, rows: dict[str, np.ndarray],
-              ridges: tuple[float, ...] = RIDGES, progress: bool = False) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[float]]:
+              ridges: tuple[float, ...] = RIDGES, progress: bool | None = False) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[float]]:
     """Per exit, (W, b) with b_k W + b ~ b_L on what the tail reads (the [CLS] token or every real token):
     ridge regression of the residual b_L - b_k, so it shrinks towards "the state is already final". The
     ridge strength is chosen per exit on every VALIDATE-th batch, then the head is refitted on all rows."""
@@ -382,7 +385,7 @@ def fit_heads(model: ir.Model, layout: Layout, rows: dict[str, np.ndarray],
     E = layout.num_layers - 1
     gram = np.zeros((2, E, hidden + 1, hidden + 1))  # [fit, validate]
     cross = np.zeros((2, E, hidden + 1, hidden))
-    for i, feed in enumerate(_batches(rows, progress="fitting exit heads" if progress else None)):
+    for i, feed in enumerate(_batches(rows, step=("fitting exit heads", "fitted exit heads"), progress=progress)):
         out = session.run(names, _feed(session, feed))
         read = _reader(layout.readout, _valid_tokens(layout.mask, feed, out[0].shape))
         part, target = int(i % VALIDATE == VALIDATE - 1), read(out[-1])
@@ -415,7 +418,7 @@ def _reader(readout: int | str, valid: np.ndarray):
 
 
 def probe(model: ir.Model, heads, measures: tuple[str, ...], original, rows: dict[str, np.ndarray],
-          progress: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
+          progress: bool | None = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every exit evaluated on every row: confidence per measure [n, E] and agreement with the original [n, E]."""
     clone, layout = _copy(model)
     b = layout.boundaries
@@ -429,7 +432,7 @@ def probe(model: ir.Model, heads, measures: tuple[str, ...], original, rows: dic
     conf = {m: [] for m in measures}
     agree = []
     teacher_output = layout.primary.name
-    for feed in _batches(rows, progress="calibrating exits" if progress else None):
+    for feed in _batches(rows, step=("calibrating exits", "calibrated exits"), progress=progress):
         want = original.run([teacher_output], _feed(original, feed))[0]
         out = session.run(names, _feed(session, feed))
         valid = _valid_tokens(layout.mask, feed, want.shape)
