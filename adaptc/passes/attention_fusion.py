@@ -166,7 +166,8 @@ def no_sdpa_reason(model: nn.Module) -> str | None:
     if softcap:
         return (f"the model soft-caps its attention logits (attn_logit_softcapping={softcap}), "
                 "which adaptc::attention does not compute")
-    return f"{type(model).__name__} declares no SDPA support (_supports_sdpa = False), which adaptc's attention replaces"
+    return (f"{type(model).__name__} declares no SDPA support (_supports_sdpa = False), "
+            "which adaptc's attention replaces")
 
 
 class AttentionFusion(Pass):

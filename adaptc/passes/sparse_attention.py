@@ -22,8 +22,8 @@ from torch import nn
 from .. import kernels  # noqa: F401  (registers the adaptc ops)
 from ..calibrate import attention_sparsity as cal
 from ._base import CompileContext, ModuleEdit, Pass, Site
-from .attention_fusion import (SUPPORTED_FROM, adaptc_attention_forward, interface_sites, mask_structure, no_sdpa_reason,
-                               register_attention)
+from .attention_fusion import (SUPPORTED_FROM, adaptc_attention_forward, interface_sites, mask_structure,
+                               no_sdpa_reason, register_attention)
 
 IMPLEMENTATION = "adaptc_sparse"
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # sparsest first

@@ -127,7 +127,8 @@ def gemma2(**extra):
 
 
 @pytest.mark.parametrize("softcap,reason", [
-    (50.0, "the model soft-caps its attention logits (attn_logit_softcapping=50.0), which adaptc::attention does not compute"),
+    (50.0, "the model soft-caps its attention logits (attn_logit_softcapping=50.0), "
+           "which adaptc::attention does not compute"),
     (None, "Gemma2ForCausalLM declares no SDPA support (_supports_sdpa = False)"),
 ])
 def test_a_model_without_sdpa_support_is_declined_for_that_reason(softcap, reason):
