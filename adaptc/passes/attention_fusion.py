@@ -32,16 +32,30 @@ class Structure:
     mask: torch.Tensor | None  # only when no structure explains the mask
 
 
-# id(mask tensor) -> {(causal, window): Structure}; an entry dies with its tensor, before its id is reused.
-_structures: dict[int, dict[tuple[bool, int], Structure]] = {}
+@dataclass
+class _Explained:
+    where: tuple                   # the mask's storage and layout when explained
+    version: int | None            # its version counter then, which every in-place edit bumps
+    contents: torch.Tensor | None  # inference tensors have no version counter: a copy of the mask instead
+    structures: dict[tuple[bool, int], Structure]
+
+
+# id(mask tensor) -> what was explained from it; an entry dies with its tensor, before its id is reused.
+# Every layer of a forward shares one mask, so it is explained once; an in-place edit makes it stale.
+_structures: dict[int, _Explained] = {}
 
 
 def _known(mask: torch.Tensor) -> dict[tuple[bool, int], Structure]:
-    key = id(mask)
-    if key not in _structures:
-        _structures[key] = {}
+    key, entry = id(mask), _structures.get(id(mask))
+    where = (mask.data_ptr(), tuple(mask.shape), mask.stride(), mask.dtype, mask.device)
+    version = None if mask.is_inference() else mask._version
+    if entry is None:
         weakref.finalize(mask, _structures.pop, key, None)
-    return _structures[key]
+    elif entry.where == where and (entry.version == version if version is not None
+                                   else entry.contents is not None and torch.equal(entry.contents, mask)):
+        return entry.structures
+    _structures[key] = _Explained(where, version, mask.clone() if version is None else None, {})
+    return _structures[key].structures
 
 
 def _tracing(t: torch.Tensor) -> bool:
@@ -134,21 +148,41 @@ def register() -> None:
     register_attention(IMPLEMENTATION, adaptc_attention_forward)
 
 
+def interface_sites(model: nn.Module) -> list[Site]:
+    """The Hugging Face attention modules of `model` (they call the attention interface)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "_supports_sdpa"):  # not a Hugging Face PreTrainedModel
+        return []
+    return [Site(path, module, {"config": config}) for path, module in model.named_modules()
+            if type(module).__name__.endswith("Attention") and hasattr(module, "config")]
+
+
+def no_sdpa_reason(model: nn.Module) -> str | None:
+    """Why a Hugging Face model's attention cannot run as SDPA's (what "adaptc" attention computes, from
+    SDPA's masks), or None. Models declare it; Gemma 2 and 3 for their soft-capped attention logits."""
+    if getattr(model, "_supports_sdpa", False):
+        return None
+    softcap = getattr(model.config, "attn_logit_softcapping", None)
+    if softcap:
+        return (f"the model soft-caps its attention logits (attn_logit_softcapping={softcap}), "
+                "which adaptc::attention does not compute")
+    return (f"{type(model).__name__} declares no SDPA support (_supports_sdpa = False), "
+            "which adaptc's attention replaces")
+
+
 class AttentionFusion(Pass):
     name = "attention_fusion"
     exact = True
 
     def match(self, ctx: CompileContext) -> list[Site]:
-        config = getattr(ctx.working, "config", None)
-        if config is None or not getattr(ctx.working, "_supports_sdpa", False):
-            return []
-        return [Site(path, module, {"config": config}) for path, module in ctx.working.named_modules()
-                if type(module).__name__.endswith("Attention") and hasattr(module, "config")]
+        return interface_sites(ctx.working)
 
     def no_sites_reason(self) -> str:
         return "no Hugging Face attention modules that dispatch through the attention interface"
 
     def check(self, ctx: CompileContext, site: Site) -> str | None:
+        if (why := no_sdpa_reason(ctx.working)) is not None:
+            return why
         impl = site.info["config"]._attn_implementation
         if impl not in SUPPORTED_FROM and impl != IMPLEMENTATION:
             return f"the model runs {impl!r} attention; adaptc replaces only {' or '.join(SUPPORTED_FROM)}"

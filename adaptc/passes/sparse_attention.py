@@ -22,7 +22,8 @@ from torch import nn
 from .. import kernels  # noqa: F401  (registers the adaptc ops)
 from ..calibrate import attention_sparsity as cal
 from ._base import CompileContext, ModuleEdit, Pass, Site
-from .attention_fusion import SUPPORTED_FROM, adaptc_attention_forward, mask_structure, register_attention
+from .attention_fusion import (SUPPORTED_FROM, adaptc_attention_forward, interface_sites, mask_structure,
+                               no_sdpa_reason, register_attention)
 
 IMPLEMENTATION = "adaptc_sparse"
 TAUS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)  # sparsest first
@@ -96,17 +97,18 @@ class SparseAttention(Pass):
 
     def match(self, ctx: CompileContext) -> list[Site]:
         config = getattr(ctx.working, "config", None)
-        if config is None or not getattr(ctx.working, "_supports_sdpa", False) or not hasattr(ctx.working, "generate"):
+        if config is None or not hasattr(ctx.working, "generate"):
             return []
         if getattr(config, "is_encoder_decoder", False) or not getattr(config, "is_decoder", True):
             return []
-        return [Site(path, module, {"config": config}) for path, module in ctx.working.named_modules()
-                if type(module).__name__.endswith("Attention") and hasattr(module, "config")]
+        return interface_sites(ctx.working)
 
     def no_sites_reason(self) -> str:
         return "no Hugging Face causal-LM attention modules (bidirectional and encoder-decoder models are not handled)"
 
     def check(self, ctx: CompileContext, site: Site) -> str | None:
+        if (why := no_sdpa_reason(ctx.working)) is not None:
+            return why
         impl = site.info["config"]._attn_implementation
         if impl not in (*SUPPORTED_FROM, "adaptc", IMPLEMENTATION):
             return f"the model runs {impl!r} attention"

@@ -100,3 +100,45 @@ def test_fused_model_runs_the_triton_kernel():
     assert {key[1] for key in calls if key[0] == "attention"} == {"triton"}
     real = mask.bool()
     torch.testing.assert_close(got[real], model(ids, attention_mask=mask).logits[real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])  # inference tensors count no versions
+def test_a_mask_edited_in_place_is_explained_again(context):
+    model = build("llama")
+    L = 24
+    ids = torch.randint(3, 128, (2, L), generator=torch.Generator().manual_seed(3))
+    fast = adaptc.compile(model, example_inputs=(ids,), passes=["attention_fusion"], tune=False)
+    with context():
+        mask = torch.ones(L, L, dtype=torch.bool).tril()[None, None].expand(2, 1, L, L).clone()
+        torch.testing.assert_close(fast(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                                   rtol=1e-4, atol=1e-4)
+        mask[0, :, :, :5] = False  # the first row now left-padded: the same tensor, other contents
+        mask[0, :, torch.arange(L), torch.arange(L)] = True
+        want = model(ids, attention_mask=mask).logits
+        torch.testing.assert_close(fast(ids, attention_mask=mask).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def gemma2(**extra):
+    torch.manual_seed(0)
+    config = tf.Gemma2Config(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16, intermediate_size=96, max_position_embeddings=128,
+                             sliding_window=16, **extra)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("softcap,reason", [
+    (50.0, "the model soft-caps its attention logits (attn_logit_softcapping=50.0), "
+           "which adaptc::attention does not compute"),
+    (None, "Gemma2ForCausalLM declares no SDPA support (_supports_sdpa = False)"),
+])
+def test_a_model_without_sdpa_support_is_declined_for_that_reason(softcap, reason):
+    model = gemma2(attn_logit_softcapping=softcap)
+    ids = torch.randint(3, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    calibration = [(torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(1)),)]
+    fast = adaptc.compile(model, example_inputs=(ids,), passes=["attention_fusion", "sparse_attention"],
+                          calibration=calibration, quality=0.05, tune=False)
+    for entry in adaptc.report(fast)["passes"]:
+        assert entry["status"] == "skipped" and reason in entry["reason"], entry
+        assert len(entry["declined"]) == 2 and all(reason in d["reason"] for d in entry["declined"])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, model(ids).logits)

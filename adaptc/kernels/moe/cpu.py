@@ -118,9 +118,12 @@ def cpu_fused_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: to
     if workers > 1 and len(work) > 1:
         # Experts dealt over threads, busiest first (torch ops release the GIL): a GEMV on a few
         # rows runs on one core, so a thread per core streams weights in parallel. Each thread
-        # writes its own experts' pair rows.
+        # writes its own experts' pair rows. Grad and inference mode are per thread: a worker takes the
+        # caller's inference mode (its buffers are inference tensors under it) and never records autograd.
+        inference = torch.is_inference_mode_enabled()
+
         def run_part(part: list[tuple[int, int, int]]) -> None:
-            with torch.no_grad():  # grad mode is per thread; these kernels never record autograd
+            with torch.inference_mode() if inference else torch.no_grad():
                 for n, e, start in part:
                     run_expert(e, start, n)
 
