@@ -66,11 +66,12 @@ class SeparateKV(KVProjection):
     def kv(self, layer, h, args, kwargs):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        k, v = _heads(attn.k_proj(x), h, attn.head_dim), _heads(attn.v_proj(x), h, attn.head_dim)
-        if getattr(attn, "k_norm", None) is not None:  # Qwen3 normalises [b, S, heads, d] before the transpose
+        k = _heads(attn.k_proj(x), h, attn.head_dim).transpose(1, 2)
+        v = _heads(attn.v_proj(x), h, attn.head_dim).transpose(1, 2)
+        # per-head key norms act on head_dim, so before or after the transpose alike
+        if getattr(attn, "k_norm", None) is not None:  # Qwen3, Gemma3
             k = attn.k_norm(k)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if getattr(attn, "qk_layernorm", False):  # Phi normalises after it
+        if getattr(attn, "qk_layernorm", False):  # Phi
             k = attn.k_layernorm(k)
         cos, sin = kwargs["position_embeddings"]
         return rotary(k, cos, sin), v, attn.layer_idx

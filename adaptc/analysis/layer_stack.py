@@ -46,10 +46,6 @@ class LayerStack:
     norm: nn.Module | None = None      # LMs: the final norm
     lm_head: nn.Linear | None = None   # LMs: the output embeddings
 
-    @property
-    def block_type(self) -> str:
-        return type(self.layers[0]).__name__ if len(self.layers) else "no blocks"
-
 
 def find_layer_stack(model: nn.Module) -> LayerStack | None:
     names = {id(m): n for n, m in model.named_modules()}
