@@ -240,3 +240,17 @@ def test_minilm_embedding_decision_at_quality_099():
         assert d["runtime_agreement_on_calibration_data"] >= 0.99 and d["expected_speedup"] > 1.0
     else:
         assert "no exit meets quality 0.99" in p["reason"]
+
+
+def test_causal_lm_without_a_known_kv_projection_declines_with_the_reason():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTJForCausalLM(GPTJConfig(vocab_size=128, n_embd=32, n_layer=4, n_head=4, rotary_dim=4,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(4)]
+    fast = compile_ee(model, cal, quality=0.6)
+    p = the_pass(fast)
+    assert p["status"] == "skipped" and "no K/V projection known for GPTJBlock" in p["reason"]
+    assert lm_exits_of(fast) is None
