@@ -232,10 +232,11 @@ def part_embedding(path: str, args) -> dict:
     # the raw state (no head) per layer, on held-out text, for comparison with the distilled heads
     held = tokenize(tok, text.texts("heldout", 96))
     valid = held["attention_mask"].bool()
-    from adaptc.passes.early_exit import find_structure, layer_states
+    from adaptc.analysis.layer_stack import find_layer_stack
+    from adaptc.passes.early_exit import layer_states
     from adaptc.runtime.early_exit import masked_mean
 
-    _, states = layer_states(model, find_structure(model).layers, held)
+    _, states = layer_states(model, find_layer_stack(model).layers, held)
     final = masked_mean(states[-1], valid)
     raw = [float(F.cosine_similarity(masked_mean(h, valid), final).mean()) for h in states[1:-1]]
     return {"status": p["status"], "reason": p["reason"], "details": p["details"],

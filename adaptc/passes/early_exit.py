@@ -13,16 +13,17 @@ the heads were not trained on. When nothing meets `quality`, the pass declines a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..analysis.kv_projection import kv_projection_for, no_kv_projection_reason
+from ..analysis.layer_stack import LayerStack, find_layer_stack
 from ..errors import AdaptcError, SaveLoadError
-from ..runtime.early_exit import (ClassifierTail, EarlyExitEncoder, ExitAdapter, ExitPlan, LMExitHeads, cosine01,
-                                  encoder_readout, encoder_signals, install_lm_exits, kv_weights, lm_controller_of,
-                                  lm_token_signals, masked_mean, predictor_features, supports_kv_fill)
+from ..runtime.early_exit import (EarlyExitEncoder, ExitAdapter, ExitPlan, LMExitHeads, cosine01, encoder_readout,
+                                  encoder_signals, install_lm_exits, lm_exits_of, lm_token_signals, masked_mean,
+                                  predictor_features)
 from ..verify import Comparison
 from ._base import CompileContext, ModuleEdit, Pass, Site
 
@@ -32,36 +33,6 @@ LM_SPACINGS = (1, 2, 3, 4, 6, 8)
 LM_DRIFT_ROUNDS = 3
 RAW_SAMPLE = 512
 DEFAULT_QUALITY, DEFAULT_DELTA = 0.99, 0.1
-
-
-@dataclass
-class Structure:
-    kind: str                 # classifier | embedding | causal_lm
-    stack_path: str           # encoders: the encoder module; LMs: the ModuleList of decoder layers
-    layers: nn.ModuleList
-    tail: nn.Module | None = None     # classifier: pooler + classifier
-    norm: nn.Module | None = None     # LMs: the final norm
-    lm_head: nn.Linear | None = None
-
-
-def find_structure(model: nn.Module) -> Structure | None:
-    names = {id(m): n for n, m in model.named_modules()}
-    base = getattr(model, "base_model", None)
-    encoder = getattr(base, "encoder", None)
-    if isinstance(getattr(encoder, "layer", None), nn.ModuleList) and not getattr(base.config, "is_decoder", False):
-        if base is model:
-            return Structure("embedding", names[id(encoder)], encoder.layer)
-        classifier = getattr(model, "classifier", None)
-        if isinstance(classifier, nn.Linear) and getattr(base, "pooler", None) is not None:
-            return Structure("classifier", names[id(encoder)], encoder.layer, ClassifierTail(base.pooler, classifier))
-        return None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(head, nn.Linear) and base is not None and base is not model:
-        layers = next((getattr(base, a) for a in ("layers", "h") if isinstance(getattr(base, a, None), nn.ModuleList)), None)
-        norm = next((getattr(base, a) for a in ("norm", "ln_f", "final_layernorm") if getattr(base, a, None) is not None), None)
-        if layers is not None and norm is not None:
-            return Structure("causal_lm", names[id(layers)], layers, norm=norm, lm_head=head)
-    return None
 
 
 def calibration_batches(calibration: Any, tokenizer: Any = None, size: int = 16,
@@ -212,21 +183,21 @@ class EarlyExit(Pass):
         return "no BERT-like encoder / classifier or causal-LM layer stack with a final norm and LM head"
 
     def match(self, ctx: CompileContext) -> list[Site]:
-        s = find_structure(ctx.working)
-        return [Site(s.stack_path, ctx.working.get_submodule(s.stack_path), {"structure": s})] if s else []
+        s = find_layer_stack(ctx.working)
+        return [Site(s.stack_path, ctx.working.get_submodule(s.stack_path), {"stack": s})] if s else []
 
     # -- check: distil, measure, calibrate (the verdict needs all of it) --------------------------
     def check(self, ctx: CompileContext, site: Site) -> str | None:
         quality = ctx.config.quality or DEFAULT_QUALITY
         delta = float(self.option(ctx, "delta"))
-        s: Structure = site.info["structure"]
+        s: LayerStack = site.info["stack"]
         batches = self._batches(ctx)
-        self._original_layers = find_structure(ctx.original).layers  # hooks go where the teacher runs
+        self._original_layers = find_layer_stack(ctx.original).layers  # hooks go where the teacher runs
         self.details = {"kind": s.kind, "quality": quality, "delta": delta, "num_layers": len(s.layers),
                         "calibration_batches": len(batches)}
         if s.kind == "causal_lm":
-            if not all(supports_kv_fill(l) for l in s.layers):
-                return f"no K/V propagation known for {type(s.layers[0]).__name__}: exited tokens would leave holes in the cache"
+            if kv_projection_for(s.layers) is None:
+                return f"{no_kv_projection_reason(s.layers)}: exited tokens would leave holes in the cache"
             found = self._plan_lm(ctx, s, batches, quality, delta)
         else:
             found = self._plan_encoder(ctx, s, batches, quality, delta)
@@ -240,7 +211,7 @@ class EarlyExit(Pass):
         found = choose_exits(trials, quality, delta, self.details)
         return found if isinstance(found, str) else {"plan": found}
 
-    def _plan_encoder(self, ctx, s: Structure, batches, quality, delta) -> dict[str, Any] | str:
+    def _plan_encoder(self, ctx, s: LayerStack, batches, quality, delta) -> dict[str, Any] | str:
         from ..calibrate.distill import cosine_to_teacher, distill_heads, kl_to_teacher, least_squares_init
 
         L = len(s.layers)
@@ -290,7 +261,7 @@ class EarlyExit(Pass):
         return chosen
 
     @torch.no_grad()
-    def _lm_states(self, ctx, s: Structure, batches, candidates: list[int], fit_fraction: float) -> tuple[dict, dict]:
+    def _lm_states(self, ctx, s: LayerStack, batches, candidates: list[int], fit_fraction: float) -> tuple[dict, dict]:
         """Real tokens' states from the block entering the first candidate exit to the last block
         ([len(candidates) + 2, n, D]) and the full model's next tokens, split by passage into a part
         that fits the exit heads and a part that calibrates the thresholds."""
@@ -326,7 +297,7 @@ class EarlyExit(Pass):
         ref = self._lm_heads.adapters[0].adapter.weight
         return heads.to(ref.device, ref.dtype)
 
-    def _plan_lm(self, ctx, s: Structure, batches, quality, delta) -> dict[str, Any] | str:
+    def _plan_lm(self, ctx, s: LayerStack, batches, quality, delta) -> dict[str, Any] | str:
         from ..calibrate.distill import fit_agreement_predictor, least_squares_init
 
         L = len(s.layers)
@@ -372,6 +343,7 @@ class EarlyExit(Pass):
                              "samples": "tokens; tokens of one passage are not independent, so the guarantee "
                                         "treats them as i.i.d. (an approximation)"})
         layer_cost, head_cost = _weights(s.layers[0]), s.lm_head.weight.numel()
+        kv_cost = kv_projection_for(s.layers).kv_weights(s.layers[0])
         exit_cost = {"softmax_max": head_cost + D * D, "margin": head_cost + D * D, "saturation": D, "learned": D + 1}
         trials = []
         for spacing in LM_SPACINGS:
@@ -381,7 +353,7 @@ class EarlyExit(Pass):
             cols = [candidates.index(l) for l in exits]
             for m in LM_MEASURES:
                 cost = cost_fractions(exits, layer_cost, exit_cost[m], L, shared_cost=head_cost,
-                                      skipped_cost=kv_weights(s.layers[0]), leave_cost=D * D)
+                                      skipped_cost=kv_cost, leave_cost=D * D)
                 trials.append((m, exits, C[m][:, cols], A[:, cols], cost))
         self._lm_heads, self._lm_candidates = heads, candidates
         # The thresholds are fitted on the full model's states, but at run time later tokens attend to
@@ -420,7 +392,7 @@ class EarlyExit(Pass):
 
     # -- apply -------------------------------------------------------------------------------------
     def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
-        s: Structure = site.info["structure"]
+        s: LayerStack = site.info["stack"]
         plan: ExitPlan = site.info["plan"]
         if s.kind == "causal_lm":
             install_lm_exits(ctx.working, s.layers, plan, s.norm, s.lm_head, site.info["heads"], set_attr=edit.set_attr)
@@ -438,8 +410,8 @@ class EarlyExit(Pass):
         if isinstance(module, EarlyExitEncoder):
             plan, adapters = module.plan, module.exit_heads
         else:
-            controller = lm_controller_of(module)
-            plan, adapters = controller.plan, controller.heads.adapters
+            policy = lm_exits_of(module)
+            plan, adapters = policy.plan, policy.heads.adapters
         return {**plan.to_dict(), "heads": len(adapters), "hidden": adapters[0].adapter.in_features}
 
     @staticmethod
@@ -447,7 +419,7 @@ class EarlyExit(Pass):
         """For adaptc.load: the exit runtime of a saved plan on the rebuilt model. Exit heads start at
         zero here and the load_state_dict that follows fills them; LM layers are gated in place."""
         plan = ExitPlan.from_dict(site_plan)
-        s = find_structure(model)
+        s = find_layer_stack(model)
         if s is None or s.kind != plan.kind or model.get_submodule(s.stack_path) is not module:
             found = "none" if s is None else f"a {s.kind} stack at {s.stack_path!r}"
             raise SaveLoadError(f"the plan is for the layer stack of a {plan.kind}; "

@@ -5,22 +5,20 @@ Encoders (`EarlyExitEncoder` replaces the model's encoder): after an exit layer,
 are written to the output (through their exit head) and compacted out of the batch; the rest go on.
 A batch is never held to its slowest row, and a row's result never depends on its neighbours.
 
-Causal LMs (`install_lm_exits` gates the decoder layers in place): a token that exits keeps its hidden
-state frozen through the remaining layers; after the last one its exit's adapter (a residual affine map
+Causal LMs (`install_lm_exits` adds an `LMExitPolicy` to the stack's controller, runtime/stack_controller.py,
+which gates the decoder layers in place): a token that exits keeps its hidden state frozen through the
+remaining layers; after the last one its exit's adapter (a residual affine map
 onto the last block's state, a "tuned lens") moves it, and the model's own final norm and LM head read
 it - that is the exit head. The "learned" measure asks a linear predictor per exit whether the exit
 agrees with the full model, so no exit evaluates the LM head at all (nor does "saturation"). The
-layers it skips still need its keys/values for later tokens: as in CALM
-(Schuster et al., 2022), they are projected from the frozen state. With a KV cache and one new token
-a row (decoding), exited rows only pay that K/V projection and the active rows run the layer alone;
-otherwise (prefill, no cache) the layer runs on every token and exited tokens get their frozen state
-back, which computes the same K/V. So cached and uncached generation compute the same function.
+layers it skips still need its keys/values for later tokens: the controller projects them from the
+frozen state (CALM, Schuster et al., 2022), so cached and uncached generation compute the same
+function. Encoders keep their own loop: leaving rows are compacted out of the batch, which a gate
+inside the model's loop cannot do; they share the controller's row helpers (take_rows, first).
 """
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -28,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..analysis.kv_projection import kv_projection_for, no_kv_projection_reason
+from ..analysis.layer_stack import KINDS, ClassifierTail  # noqa: F401  (ClassifierTail: re-exported)
+from ..errors import AdaptcError
+from .stack_controller import StackCall, StackPolicy, controller_of, first, install_policy, take_rows
+
 MEASURES = ("softmax_max", "margin", "saturation", "learned")
-KINDS = ("classifier", "embedding", "causal_lm")
 FUSED_MAX_TOKENS = 64
 LM_HEADS_ATTR = "adaptc_exit_heads"
 
@@ -97,18 +99,6 @@ def prob_signals(logits: torch.Tensor) -> dict[str, torch.Tensor]:
 
 # -- encoders ---------------------------------------------------------------------------------------
 
-class ClassifierTail(nn.Module):
-    """The model's own pooler + classifier applied to one [CLS] vector per row."""
-
-    def __init__(self, pooler: nn.Module | None, classifier: nn.Module):
-        super().__init__()
-        self.pooler, self.classifier = pooler, classifier
-
-    def forward(self, cls: torch.Tensor) -> torch.Tensor:
-        pooled = self.pooler(cls.unsqueeze(1)) if self.pooler is not None else cls
-        return self.classifier(pooled)
-
-
 class ExitAdapter(nn.Module):
     """Maps a block's output to an estimate of the last block's output: h + W h + b (W, b start at 0,
     so an untrained head is the raw state). Affine, so mean pooling commutes with it and the head can
@@ -155,19 +145,6 @@ def key_padding(attention_mask: Any, batch: int, seq: int, device: torch.device)
     return valid.expand(batch, seq)
 
 
-def take_rows(x: Any, keep: torch.Tensor, batch: int) -> Any:
-    """Rows `keep` of every tensor whose first dim is the batch (broadcast tensors stay as they are)."""
-    if isinstance(x, torch.Tensor):
-        return x[keep] if x.dim() > 0 and x.shape[0] == batch else x
-    if isinstance(x, tuple):
-        return tuple(take_rows(v, keep, batch) for v in x)
-    if isinstance(x, list):
-        return [take_rows(v, keep, batch) for v in x]
-    if isinstance(x, dict):
-        return {k: take_rows(v, keep, batch) for k, v in x.items()}
-    return x
-
-
 class EarlyExitEncoder(nn.Module):
     """Drop-in for a BERT-like encoder (`.layer` is the same ModuleList, so parameter names are kept)."""
 
@@ -194,8 +171,7 @@ class EarlyExitEncoder(nn.Module):
         kind = self.plan.kind
         for i, layer in enumerate(self.layer):
             h_in = h
-            h = layer(h, mask, *args, **kwargs)
-            h = h[0] if isinstance(h, tuple) else h
+            h = first(layer(h, mask, *args, **kwargs))
             e = exit_at.get(i)
             if e is None or math.isinf(self.plan.thresholds[e]):
                 continue
@@ -253,108 +229,59 @@ class LMExitHeads(nn.Module):
         return torch.sigmoid(self.predictors[e](predictor_features(norm, h_in, h_out)).squeeze(-1))
 
 
-def kv_from_state(layer: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The keys/values `layer` would cache for hidden states `h` [b, S, D] (CALM's propagation)."""
-    if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "k_proj"):  # Llama family
-        attn = layer.self_attn
-        x = layer.input_layernorm(h)
-        shape = (*h.shape[:2], -1, attn.head_dim)
-        k, v = attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
-        if hasattr(attn, "k_norm"):
-            k = attn.k_norm(k)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
-        cos, sin = kwargs["position_embeddings"]
-        _, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb(k, k, cos, sin)
-        return k, v, attn.layer_idx
-    if hasattr(layer, "attn") and hasattr(layer.attn, "c_attn"):  # GPT-2 family
-        attn = layer.attn
-        _, k, v = attn.c_attn(layer.ln_1(h)).split(attn.split_size, dim=2)
-        shape = (*h.shape[:2], -1, attn.head_dim)
-        return k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2), attn.layer_idx
-    raise TypeError(f"no K/V projection known for {type(layer).__name__}")
+@dataclass
+class _ExitCall:
+    """What one forward call's exits did (per call, so concurrent calls do not share it)."""
+
+    exit_index: torch.Tensor   # [B, S] the exit a token took (-1: none)
+    histogram: list[int]
 
 
-def kv_weights(layer: nn.Module) -> int:
-    """Multiply-adds per token of `kv_from_state` on `layer` (its K and V projections)."""
-    if hasattr(layer, "self_attn") and hasattr(layer.self_attn, "k_proj"):
-        return layer.self_attn.k_proj.weight.numel() + layer.self_attn.v_proj.weight.numel()
-    c_attn = layer.attn.c_attn.weight
-    return c_attn.numel() * 2 // 3
+class LMExitPolicy(StackPolicy):
+    """Early exit on the stack controller: after an exit block, the live tokens whose confidence
+    reaches the threshold leave; after the last block each exited token's frozen state goes through
+    its exit's adapter. Holds the plan, the exit heads (adapters, predictors; the model's final norm +
+    LM head) and the statistics summed over calls."""
 
-
-def supports_kv_fill(layer: nn.Module) -> bool:
-    return (hasattr(layer, "self_attn") and hasattr(layer.self_attn, "k_proj") and hasattr(layer, "input_layernorm")) or \
-        (hasattr(layer, "attn") and hasattr(layer.attn, "c_attn") and hasattr(layer, "ln_1"))
-
-
-class _RowsOfCache:
-    """What the active rows' attention sees: its update() writes the active rows' K/V together with
-    the exited rows' propagated K/V into the real cache, and returns the active rows' part."""
-
-    def __init__(self, cache: Any, active: torch.Tensor, exited_kv: tuple[torch.Tensor, torch.Tensor], batch: int):
-        self._cache, self._active, self._exited_kv, self._batch = cache, active, exited_kv, batch
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        full_k = key.new_empty((self._batch, *key.shape[1:]))
-        full_v = value.new_empty((self._batch, *value.shape[1:]))
-        full_k[self._active], full_v[self._active] = key, value
-        full_k[~self._active], full_v[~self._active] = self._exited_kv
-        keys, values = self._cache.update(full_k, full_v, layer_idx, *args, **kwargs)
-        return keys[self._active], values[self._active]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cache, name)
-
-
-class LMExitController:
-    """Shared by the gated layers of one model: the plan, the exit heads (adapters, predictors; the
-    model's final norm + LM head), and per forward call the exit each token took."""
+    name = "early_exit"
 
     def __init__(self, plan: ExitPlan, norm: nn.Module, lm_head: nn.Linear, heads: LMExitHeads, num_layers: int):
         self.plan, self.norm, self.lm_head, self.heads, self.num_layers = plan, norm, lm_head, heads, num_layers
         self.exit_at = {layer: e for e, layer in enumerate(plan.exit_layers)}
-        self.exited: torch.Tensor | None = None   # [B, S] bool
-        self.exit_index: torch.Tensor | None = None  # [B, S] the exit a token took (-1: none)
         self.stats = ExitStats()
         self.stats.reset(len(plan.exit_layers))
 
-    def run_layer(self, index: int, layer: nn.Module, forward: Callable, hidden: torch.Tensor,
-                  args: tuple, kwargs: dict) -> Any:
-        if index == 0:
-            self.exited = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-            self.exit_index = torch.full(hidden.shape[:2], -1, dtype=torch.long, device=hidden.device)
-        exited = self.exited
-        cache = _find_cache(args, kwargs)
-        if exited is None or not bool(exited.any()):
-            out = forward(hidden, *args, **kwargs)
-        elif hidden.shape[1] == 1 and cache is not None:
-            out = self._decode_step(layer, forward, hidden, args, kwargs, cache)
-        else:  # prefill / no cache: the layer computes exited tokens' K/V from their frozen states
-            out = forward(hidden, *args, **kwargs)
-            first = out[0] if isinstance(out, tuple) else out
-            first = torch.where(exited.unsqueeze(-1), hidden, first)
-            out = (first, *out[1:]) if isinstance(out, tuple) else first
-        h_out = out[0] if isinstance(out, tuple) else out
-        if index == self.num_layers - 1:
-            self.stats.histogram[-1] += int((~exited).sum())
-            if bool(exited.any()):  # exited tokens' frozen states, each through its exit's adapter
-                h_out = h_out.clone()
-                for e, adapter in enumerate(self.heads.adapters):
-                    took = self.exit_index == e
-                    if bool(took.any()):
-                        h_out[took] = adapter(h_out[took])
-                out = (h_out, *out[1:]) if isinstance(out, tuple) else h_out
-        e = self.exit_at.get(index)
-        if e is not None and not math.isinf(self.plan.thresholds[e]):
-            live = ~exited
-            if bool(live.any()):
-                leave = self.signal(e, hidden[live], h_out[live]) >= self.plan.thresholds[e]
-                if bool(leave.any()):
-                    where = live.nonzero(as_tuple=True)
-                    exited[where[0][leave], where[1][leave]] = True
-                    self.exit_index[where[0][leave], where[1][leave]] = e
-                    self.stats.histogram[e] += int(leave.sum())
-        return out
+    def begin(self, tokens: torch.Size, device: torch.device) -> _ExitCall:
+        return _ExitCall(torch.full(tokens, -1, dtype=torch.long, device=device), [0] * (len(self.plan.exit_layers) + 1))
+
+    def acts_after(self, i: int) -> bool:
+        e = self.exit_at.get(i)
+        return e is not None and not math.isinf(self.plan.thresholds[e])
+
+    def exit(self, state: _ExitCall, i: int, h_in: torch.Tensor, h_out: torch.Tensor, where) -> torch.Tensor:
+        e = self.exit_at[i]
+        leave = self.signal(e, h_in, h_out) >= self.plan.thresholds[e]
+        if bool(leave.any()):
+            state.exit_index[where[0][leave], where[1][leave]] = e
+            state.histogram[e] += int(leave.sum())
+        return leave
+
+    def finish(self, state: _ExitCall, h: torch.Tensor, exited: torch.Tensor) -> torch.Tensor:
+        state.histogram[-1] += int((~exited).sum())
+        if not bool((state.exit_index >= 0).any()):
+            return h
+        h = h.clone()  # exited tokens' frozen states, each through its exit's adapter
+        for e, adapter in enumerate(self.heads.adapters):
+            took = state.exit_index == e
+            if bool(took.any()):
+                h[took] = adapter(h[took])
+        return h
+
+    def end(self, state: _ExitCall, call: StackCall) -> None:
+        for e, n in enumerate(state.histogram):
+            self.stats.histogram[e] += n
+        self.stats.kv_fill_tokens += call.kv_fill_tokens
+        self.stats.kv_fill_seconds += call.kv_fill_seconds
 
     def signal(self, e: int, h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
         """Exit e's confidence for live tokens ([N, D] states entering / leaving its block)."""
@@ -364,66 +291,25 @@ class LMExitController:
             return cosine01(self.heads.adapters[e](h_out), h_in)
         return lm_token_signals(self.norm, self.lm_head, h_in, self.heads.adapters[e](h_out))[self.plan.measure]
 
-    def _decode_step(self, layer, forward, hidden, args, kwargs, cache):
-        active = ~self.exited[:, 0]
-        batch = hidden.shape[0]
-        start = time.perf_counter()
-        k, v, layer_idx = kv_from_state(layer, hidden[~active], *take_rows((args, kwargs), ~active, batch))
-        self.stats.kv_fill_tokens += int((~active).sum())
-        self.stats.kv_fill_seconds += time.perf_counter() - start
-        if not bool(active.any()):
-            cache.update(k, v, layer_idx)
-            return hidden
-        proxy = _RowsOfCache(cache, active, (k, v), batch)
-        sub_args, sub_kwargs = take_rows((args, kwargs), active, batch)
-        sub_args = tuple(proxy if a is cache else a for a in sub_args)
-        sub_kwargs = {n: (proxy if a is cache else a) for n, a in sub_kwargs.items()}
-        sub_out = forward(hidden[active], *sub_args, **sub_kwargs)
-        sub_h = sub_out[0] if isinstance(sub_out, tuple) else sub_out
-        out = hidden.clone()
-        out[active] = sub_h
-        return (out, *sub_out[1:]) if isinstance(sub_out, tuple) else out
-
-
-def _find_cache(args: tuple, kwargs: dict) -> Any:
-    from transformers.cache_utils import Cache
-
-    for x in (*args, *kwargs.values()):
-        if isinstance(x, Cache):
-            return x
-    return None
-
-
-class GatedForward:
-    """Replaces one decoder layer's `forward` (instance attribute): parameter names and the model's
-    own loop, cache and generate() stay untouched."""
-
-    def __init__(self, layer: nn.Module, index: int, controller: LMExitController):
-        self.forward = layer.forward  # the bound original
-        self.layer, self.index, self.controller = layer, index, controller
-
-    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return self.controller.run_layer(self.index, self.layer, self.forward, hidden_states, args, kwargs)
-
 
 def install_lm_exits(model: nn.Module, layers: nn.ModuleList, plan: ExitPlan, norm: nn.Module, lm_head: nn.Linear,
-                     heads: LMExitHeads, set_attr: Callable[[Any, str, Any], None] = setattr) -> LMExitController:
-    """Gate every layer of `layers`, and register `heads` on `model` (as `adaptc_exit_heads`, so its
-    weights are in the state_dict that adaptc.save writes). set_attr: ModuleEdit.set_attr, so a
-    rollback undoes both."""
+                     heads: LMExitHeads, set_attr: Callable[[Any, str, Any], None] = setattr) -> LMExitPolicy:
+    """Add the exit policy to the stack's controller, and register `heads` on `model` (as
+    `adaptc_exit_heads`, so its weights are in the state_dict that adaptc.save writes). set_attr:
+    ModuleEdit.set_attr, so a rollback undoes both."""
+    kv = kv_projection_for(layers)
+    if kv is None:
+        raise AdaptcError(f"{no_kv_projection_reason(layers)}: exited tokens would leave holes in the cache")
     set_attr(model, LM_HEADS_ATTR, heads)
-    controller = LMExitController(plan, norm, lm_head, heads, len(layers))
-    for i, layer in enumerate(layers):
-        set_attr(layer, "forward", GatedForward(layer, i, controller))
-    return controller
+    policy = LMExitPolicy(plan, norm, lm_head, heads, len(layers))
+    install_policy(layers, policy, kv, set_attr=set_attr)
+    return policy
 
 
-def lm_controller_of(model: nn.Module) -> LMExitController | None:
-    for m in model.modules():
-        fwd = m.__dict__.get("forward")
-        if isinstance(fwd, GatedForward):
-            return fwd.controller
-    return None
+def lm_exits_of(model: nn.Module) -> LMExitPolicy | None:
+    """The early-exit policy on a compiled causal LM's stack controller (None without one)."""
+    controller = controller_of(model)
+    return controller.policy(LMExitPolicy) if controller is not None else None
 
 
 def encoder_runtime_of(model: nn.Module) -> EarlyExitEncoder | None:
@@ -432,5 +318,5 @@ def encoder_runtime_of(model: nn.Module) -> EarlyExitEncoder | None:
 
 def exit_stats(model: nn.Module) -> ExitStats | None:
     """The exit statistics of a compiled model's runtime (None without one)."""
-    rt = encoder_runtime_of(model) or lm_controller_of(model)
+    rt = encoder_runtime_of(model) or lm_exits_of(model)
     return rt.stats if rt is not None else None

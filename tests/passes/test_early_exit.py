@@ -10,7 +10,7 @@ import torch
 import adaptc
 from adaptc.calibrate import text
 from adaptc.errors import AdaptcError
-from adaptc.runtime.early_exit import encoder_runtime_of, exit_stats, lm_controller_of
+from adaptc.runtime.early_exit import encoder_runtime_of, exit_stats, lm_exits_of
 
 VOCAB = 200
 
@@ -126,7 +126,7 @@ def test_causal_lm_compiles_with_exits_and_keeps_generate(arch):
     d = p["details"]
     assert d["kind"] == "causal_lm" and "final norm + LM head" in d["exit_head"]
     assert d["drift_rounds"][-1]["runtime_agreement"] >= 0.6 and d["runtime_agreement_on_calibration_data"] >= 0.6
-    assert lm_controller_of(fast) is not None and lm_controller_of(model) is None
+    assert lm_exits_of(fast) is not None and lm_exits_of(model) is None
     out = fast.generate(cal[0][:2, :5], max_new_tokens=4, do_sample=False)
     assert out.shape == (2, 9)
 
@@ -180,7 +180,7 @@ def test_causal_lm_round_trip_gives_same_logits_and_generate(arch, tmp_path):
     assert the_pass(fast)["status"] == "applied"
     adaptc.save(fast, tmp_path / "lm.adaptc")
     loaded = adaptc.load(tmp_path / "lm.adaptc")
-    assert lm_controller_of(loaded) is not None
+    assert lm_exits_of(loaded) is not None
     assert adaptc.report(loaded)["passes"] == adaptc.report(fast)["passes"]
     ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(5))
     exits = len(the_pass(fast)["details"]["exit_layers"])
@@ -240,3 +240,17 @@ def test_minilm_embedding_decision_at_quality_099():
         assert d["runtime_agreement_on_calibration_data"] >= 0.99 and d["expected_speedup"] > 1.0
     else:
         assert "no exit meets quality 0.99" in p["reason"]
+
+
+def test_causal_lm_without_a_known_kv_projection_declines_with_the_reason():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTJForCausalLM(GPTJConfig(vocab_size=128, n_embd=32, n_layer=4, n_head=4, rotary_dim=4,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    g = torch.Generator().manual_seed(1)
+    cal = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(4)]
+    fast = compile_ee(model, cal, quality=0.6)
+    p = the_pass(fast)
+    assert p["status"] == "skipped" and "no K/V projection known for GPTJBlock" in p["reason"]
+    assert lm_exits_of(fast) is None

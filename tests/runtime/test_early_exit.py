@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import adaptc
-from adaptc.passes.early_exit import find_structure, layer_states
+from adaptc.analysis.layer_stack import find_layer_stack
+from adaptc.passes.early_exit import layer_states
 from adaptc.runtime.early_exit import (ExitPlan, encoder_readout, encoder_runtime_of, encoder_signals, exit_stats,
-                                       install_lm_exits, lm_controller_of, LMExitHeads)
+                                       install_lm_exits, lm_exits_of, LMExitHeads)
 from tests.passes.test_early_exit import bert_batches, compile_ee, small_bert, small_lm
 
 SLOW = pytest.mark.slow
@@ -29,7 +30,7 @@ def classifier():
 
 def _median_thresholds(model, runtime, batch) -> list[float]:
     """Per exit, the median confidence on `batch`: about half the rows leave at the first exit."""
-    s = find_structure(model)
+    s = find_layer_stack(model)
     _, states = layer_states(model, s.layers, batch)
     valid = batch["attention_mask"].bool()
     plan = runtime.plan
@@ -73,7 +74,7 @@ def lm(request):
     g = torch.Generator().manual_seed(1)
     cal = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(10)]
     fast = compile_ee(model, cal, quality=0.6)
-    assert lm_controller_of(fast) is not None
+    assert lm_exits_of(fast) is not None
     return model, fast, cal
 
 
@@ -103,7 +104,7 @@ def test_decode_rows_exit_independently(lm):
 
 def test_never_exiting_generation_equals_the_original(lm):
     model, fast, cal = lm
-    plan = lm_controller_of(fast).plan
+    plan = lm_exits_of(fast).plan
     saved = list(plan.thresholds)
     try:
         plan.thresholds = [2.0] * len(saved)
@@ -152,7 +153,7 @@ def test_smollm2_generates_with_exits_like_the_original(smollm2):
         assert any(why in p["reason"] for why in ("quality 0.9", "would not pay", "runtime agreement stays below 0.9"))
     # The runtime on trained weights with exits that fire often: gate a copy with fixed exits.
     fast = copy.deepcopy(model, {id(t): t for t in [*model.parameters(), *model.buffers()]})
-    s = find_structure(fast)
+    s = find_layer_stack(fast)
     install_lm_exits(fast, s.layers, ExitPlan("causal_lm", [20, 25], [0.6, 0.6], "softmax_max"), s.norm, s.lm_head,
                      LMExitHeads(model.config.hidden_size, 2, predictors=False))  # identity adapters
     stats = exit_stats(fast)
@@ -170,7 +171,7 @@ def test_lm_exit_reads_its_adapter_and_learned_predictor():
     """Every token leaves at the one exit (a predictor that always says yes): the logits must be the
     model's own norm + LM head on that exit's adapter applied to the state after its block."""
     model = small_lm("llama")
-    s = find_structure(model)
+    s = find_layer_stack(model)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         _, states = layer_states(model, s.layers, {"input_ids": ids})
@@ -180,7 +181,7 @@ def test_lm_exit_reads_its_adapter_and_learned_predictor():
         heads.predictors[0].bias.fill_(50.0)  # sigmoid ~ 1 >= threshold 0.5 for every token
         want = model.lm_head(model.model.norm(heads.adapters[0](states[3])))
         fast = copy.deepcopy(model)
-        s2 = find_structure(fast)
+        s2 = find_layer_stack(fast)
         install_lm_exits(fast, s2.layers, ExitPlan("causal_lm", [2], [0.5], "learned"), s2.norm, s2.lm_head, heads)
         got = fast(ids).logits
     assert exit_stats(fast).histogram == [18, 0]
@@ -191,15 +192,15 @@ def test_lm_exit_reads_its_adapter_and_learned_predictor():
 @pytest.mark.parametrize("measure", ["softmax_max", "margin", "saturation"])
 def test_lm_runtime_signal_is_what_calibration_measured(measure):
     """The runtime's confidence for a measure is the calibration's (saturation skips the LM head)."""
-    from adaptc.runtime.early_exit import LMExitController, lm_token_signals
+    from adaptc.runtime.early_exit import LMExitPolicy, lm_token_signals
 
     model = small_lm("llama")
-    s = find_structure(model)
+    s = find_layer_stack(model)
     heads = LMExitHeads(32, 1, predictors=False)
     with torch.no_grad():
         for p in heads.parameters():
             p.normal_(0, 0.1)
         h_in, h_out = torch.randn(7, 32), torch.randn(7, 32)
-        controller = LMExitController(ExitPlan("causal_lm", [2], [0.5], measure), s.norm, s.lm_head, heads, 6)
+        controller = LMExitPolicy(ExitPlan("causal_lm", [2], [0.5], measure), s.norm, s.lm_head, heads, 6)
         want = lm_token_signals(s.norm, s.lm_head, h_in, heads.adapters[0](h_out))[measure]
         torch.testing.assert_close(controller.signal(0, h_in, h_out), want)
