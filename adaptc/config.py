@@ -28,6 +28,9 @@ class CompileConfig:
     tune: bool = True
     tune_trials: int = 12        # measurements per kernel problem, at most
     tune_seconds: float = 20.0   # wall time per kernel problem, at most
+    # Time the result against the original (example size, one row, a decode step); a size it is slower at
+    # is routed to the faster module (graphs) or the last pass is rolled back (blocks).
+    speed_check: bool = True
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
