@@ -10,7 +10,6 @@ size, the ms of the original and of what now serves it, their ratio, and what wa
 """
 from __future__ import annotations
 
-import statistics
 import time
 import warnings
 from typing import Any, Callable
@@ -22,22 +21,24 @@ from .capture.inputs import Inputs
 from .passes._base import CompileContext, PassManager, PassResult
 from .runtime.module import CompiledModule
 
-SLOWER = 0.97          # compiled / original speed below this at a size (measured twice) is slower
+SLOWER = 0.97            # compiled / original speed below this at a size (measured twice) is slower
 SECONDS_PER_SIZE = 0.15  # per measurement of one size: rounds shrink to fit it (one round at least)
 ROUNDS = 5
+SECONDS = 3.0            # the whole check; sizes past it are reported unmeasured
 
 
 def check(ctx: CompileContext, emitted: nn.Module, manager: PassManager, results: list[PassResult]) -> dict[str, Any]:
+    deadline = time.perf_counter() + SECONDS
     sizes = _sizes(ctx)
     applied = any(r.status == "applied" for r in results)
     with torch.no_grad():
         if isinstance(emitted, CompiledModule):
             return {"enabled": True, "granularity": "graph",
-                    "sizes": [_route(ctx, emitted, s, applied) for s in sizes]}
+                    "sizes": [_route(ctx, emitted, s, applied, deadline) for s in sizes]}
         if not applied:  # the blocks are the original's
             return {"enabled": True, "granularity": "blocks", "sizes": [], "rolled_back": [],
                     "note": "no pass applied: the compiled model runs the original's code"}
-        return {"enabled": True, "granularity": "blocks", **_roll_back(ctx, manager, results, sizes)}
+        return {"enabled": True, "granularity": "blocks", **_roll_back(ctx, manager, results, sizes, deadline)}
 
 
 def _sizes(ctx: CompileContext) -> list[tuple[str, Callable[[nn.Module], Callable[[], Any]], Inputs | None]]:
@@ -64,20 +65,18 @@ def _sizes(ctx: CompileContext) -> list[tuple[str, Callable[[nn.Module], Callabl
     return sizes
 
 
-def _route(ctx: CompileContext, emitted: CompiledModule, size: tuple, applied: bool) -> dict[str, Any]:
+def _route(ctx: CompileContext, emitted: CompiledModule, size: tuple, applied: bool, deadline: float) -> dict[str, Any]:
     label, call, inputs = size
     cls = CompiledModule.size_class(inputs.args, inputs.kwargs)
+    if time.perf_counter() > deadline:
+        return {"size": label, "size_class": cls, "skipped": "the speed check's time budget was spent"}
     default = "graph" if emitted.accepts(inputs.args, inputs.kwargs) else "eager"
     modules = {"original": ctx.original, default: emitted.graph if default == "graph" else emitted.eager}
     if default == "graph" and applied:  # with no pass applied the eager rewrite is the original
         modules["eager"] = emitted.eager
-    ms = _measure({k: call(m) for k, m in modules.items()})
-    best = min(ms, key=ms.get)
-    if ms[default] * SLOWER > ms[best]:  # confirm before routing around what compile chose
-        again = _measure({k: call(m) for k, m in modules.items()})
-        ms = {k: statistics.median([ms[k], again[k]]) for k in ms}
-        best = min(ms, key=ms.get)
-    route = best if ms[default] * SLOWER > ms[best] else default
+    ms, slower = _confirmed({k: call(m) for k, m in modules.items()},
+                            lambda t: t[default] * SLOWER > min(t.values()), deadline)
+    route = min(ms, key=ms.get) if slower else default
     if route != default:
         if route == "original":
             emitted.original = ctx.original
@@ -90,46 +89,57 @@ def _route(ctx: CompileContext, emitted: CompiledModule, size: tuple, applied: b
     return row
 
 
-def _roll_back(ctx: CompileContext, manager: PassManager, results: list[PassResult], sizes: list) -> dict[str, Any]:
-    rolled = []
+def _roll_back(ctx: CompileContext, manager: PassManager, results: list[PassResult], sizes: list,
+               deadline: float) -> dict[str, Any]:
+    rolled: list[dict[str, Any]] = []
     while True:
-        rows = [_compare(ctx, size) for size in sizes]
-        slower = [r for r in rows if r["ratio"] < SLOWER]
-        if slower:  # confirm: a rollback costs what the pass gains everywhere else
-            rows = [_compare(ctx, size, r) if r in slower else r for r, size in zip(rows, sizes)]
-            slower = [r for r in rows if r["ratio"] < SLOWER]
+        rows, slower = [], []
+        for label, call, _ in sizes:
+            if time.perf_counter() > deadline:
+                rows.append({"size": label, "skipped": "the speed check's time budget was spent"})
+                continue
+            ms, lost = _confirmed({"original": call(ctx.original), "compiled": call(ctx.working)},
+                                  lambda t: t["compiled"] * SLOWER > t["original"], deadline)
+            rows.append({"size": label, "original_ms": _r(ms["original"]), "compiled_ms": _r(ms["compiled"]),
+                         "ratio": round(ms["original"] / ms["compiled"], 3)})
+            if lost:
+                slower.append(rows[-1])
         if not slower:
             return {"sizes": rows, "rolled_back": rolled}
         ratios = ", ".join(f"{r['size']} {r['ratio']:.2f}x" for r in slower)
         undone = manager.roll_back_last(ctx, results, f"speed check: the compiled model was slower ({ratios})")
         if undone is None:
             return {"sizes": rows, "rolled_back": rolled}
-        rolled.append({"pass": undone.name, "sizes": {r["size"]: r["ratio"] for r in rows}})
+        rolled.append({"pass": undone.name, "sizes": {r["size"]: r["ratio"] for r in rows if "ratio" in r}})
 
 
-def _compare(ctx: CompileContext, size: tuple, before: dict | None = None) -> dict[str, Any]:
-    label, call, _ = size
-    ms = _measure({"original": call(ctx.original), "compiled": call(ctx.working)})
-    if before is not None:
-        ms = {k: statistics.median([ms[k], before[f"{k}_ms"]]) for k in ms}
-    return {"size": label, "original_ms": _r(ms["original"]), "compiled_ms": _r(ms["compiled"]),
-            "ratio": round(ms["original"] / ms["compiled"], 3)}
+def _confirmed(fns: dict[str, Callable[[], Any]], slower: Callable[[dict[str, float]], bool],
+               deadline: float) -> tuple[dict[str, float], bool]:
+    """ms per variant, and whether `slower` held on two measurements (the second only where the first
+    says so, and within the budget): routing around or rolling back must not follow one noisy figure."""
+    ms = _measure(fns)
+    if not slower(ms) or time.perf_counter() > deadline:
+        return ms, False
+    again = _measure(fns)
+    best = {k: min(ms[k], again[k]) for k in ms}
+    return best, slower(again) and slower(best)
 
 
 def _measure(fns: dict[str, Callable[[], Any]]) -> dict[str, float]:
-    """Median ms per variant over interleaved rounds (alternating order), each round the best of a few
-    calls: load from other processes falls on every variant alike. Bounded by SECONDS_PER_SIZE."""
+    """The fastest ms per variant over interleaved rounds in alternating order: load from other
+    processes only adds time, and falls on every variant alike. Bounded by SECONDS_PER_SIZE (one
+    warm-up and one timed call at least)."""
     for fn in fns.values():
         fn()  # warm-up
-    per_round = {name: [_timed(fn)] for name, fn in fns.items()}
-    round_s = sum(v[0] for v in per_round.values())
-    rounds = min(ROUNDS - 1, int(SECONDS_PER_SIZE / max(round_s, 1e-9)) - 1)
-    reps = max(1, int(SECONDS_PER_SIZE / max(rounds, 1) / max(round_s, 1e-9)))
+    best = {name: _timed(fn) for name, fn in fns.items()}
+    round_s = max(sum(best.values()), 1e-9)
+    rounds = min(ROUNDS - 1, int(SECONDS_PER_SIZE / round_s) - 1)
+    reps = max(1, int(SECONDS_PER_SIZE / max(rounds, 1) / round_s))
     names = list(fns)
     for r in range(max(rounds, 0)):
         for name in (names if r % 2 else names[::-1]):
-            per_round[name].append(min(_timed(fns[name]) for _ in range(reps)))
-    return {name: statistics.median(t) * 1e3 for name, t in per_round.items()}
+            best[name] = min(best[name], *(_timed(fns[name]) for _ in range(reps)))
+    return {name: t * 1e3 for name, t in best.items()}
 
 
 def _timed(fn: Callable[[], Any]) -> float:
