@@ -75,6 +75,9 @@ def compile(
         speed = speed_check.check(ctx, emitted, manager, results) if config.speed_check else {"enabled": False}
         if capture_info["granularity"] == "blocks":
             emitted = ctx.working  # what the speed check left (it may have rolled passes back)
+            undone = [r["pass"] for r in speed.get("rolled_back", []) if r["pass"] in keeps]
+            if undone:
+                capture_info["reason"] += f" (until the speed check rolled {', '.join(undone)} back)"
     finally:
         model.train(was_training)
     report = {
