@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from . import passes as pass_registry
+from . import speed_check
 from ._version import VERSION
+from .capture.guards import size_one_floors
 from .capture.inputs import Inputs, random_inputs_like
 from .capture.torch_capture import capture, is_driven_from_python
 from .config import CompileConfig
@@ -67,10 +69,17 @@ def compile(
         if needy and ctx.calibration is None:
             raise AdaptcError(f"pass(es) {needy} are approximate: they need calibration= batches (the same form as "
                               "example_inputs) to fit and check themselves against the quality target")
-        results, verification = PassManager(selected).run(ctx)
+        manager = PassManager(selected)
+        results, verification = manager.run(ctx)
         tuning = _tune(ctx) if config.tune else {"measured": 0, "cache_hits": 0, "kernels": []}
         keeps = [r.name for r, p in zip(results, selected) if r.status == "applied" and p.keeps_blocks]
         emitted, capture_info = _emit(ctx, verification, keeps)
+        speed = speed_check.check(ctx, emitted, manager, results) if config.speed_check else {"enabled": False}
+        if capture_info["granularity"] == "blocks":
+            emitted = ctx.working  # what the speed check left (it may have rolled passes back)
+            undone = [r["pass"] for r in speed.get("rolled_back", []) if r["pass"] in keeps]
+            if undone:
+                capture_info["reason"] += f" (until the speed check rolled {', '.join(undone)} back)"
     finally:
         model.train(was_training)
     report = {
@@ -83,6 +92,7 @@ def compile(
         "passes": [r.to_dict() for r in results],
         "verification": verification,
         "tuning": tuning,
+        "speed_check": speed,
         "compile_seconds": round(time.perf_counter() - start, 3),
     }
     plan = {r.name: {path: p.site_plan(ctx.working.get_submodule(path)) for path in r.sites}
@@ -143,7 +153,10 @@ def _emit(ctx: CompileContext, verification: dict, keeps: list[str] = ()) -> tup
             raise
         warnings.warn(f"adaptc: {exc}; keeping block granularity", stacklevel=3)
         return ctx.working, {"granularity": "blocks", "method": "module", "reason": str(exc)}
-    cmp = ctx.verify(captured.module) if ctx.config.verify else None
+    signature = CompiledModule.signature_of(ctx.inputs.args, ctx.inputs.kwargs, captured.shapes)
+    emitted = CompiledModule(captured.module, signature, eager=ctx.working, guards=captured.guards)
+    emitted._program = captured.program
+    cmp = ctx.verify(emitted) if ctx.config.verify else None  # the graph wherever its guards let it run
     if cmp is not None:
         verification["capture"] = cmp.to_dict()
         if not cmp.ok:
@@ -151,31 +164,11 @@ def _emit(ctx: CompileContext, verification: dict, keeps: list[str] = ()) -> tup
                 raise CaptureError(f"the {captured.method} graph does not match the model: {cmp.why}")
             return ctx.working, {"granularity": "blocks", "method": "module",
                                  "reason": f"{captured.method} graph failed verification: {cmp.why}"}
-    signature = CompiledModule.signature_of(ctx.inputs.args, ctx.inputs.kwargs, captured.shapes)
-    emitted = CompiledModule(captured.module, signature, eager=ctx.working)
-    emitted._program = captured.program
     info = {"granularity": "graph", "method": captured.method, "reason": ""}
-    if ctx.config.tune:
-        info["smallest_call"] = _route_smallest_call(ctx, emitted)
+    if captured.method == "export":  # export assumed sizes 0 and 1 behave like the >= 2 it traced
+        vocab = getattr(getattr(ctx.original, "config", None), "vocab_size", None)
+        shapes, info["size_one"] = size_one_floors(captured.module, ctx.original, ctx.inputs, captured.shapes or [],
+                                                   verify=ctx.config.verify, seed=ctx.config.seed, vocab=vocab)
+        emitted._signature = CompiledModule.signature_of(ctx.inputs.args, ctx.inputs.kwargs, shapes)
+        info["guards"] = captured.guards.code if captured.guards is not None else "checked by the graph"
     return emitted, info
-
-
-def _route_smallest_call(ctx: CompileContext, emitted: CompiledModule) -> dict[str, Any]:
-    """Time the graph and the eager rewrite on the smallest input (one row, one token: a decode step);
-    where eager wins, calls that small skip the graph's per-call overhead."""
-    from .tuner.timing import median_seconds
-
-    batch, seq = ctx.inputs.batch_seq()
-    vocab = getattr(getattr(ctx.original, "config", None), "vocab_size", None)
-    small = ctx.inputs.resized(1, 1 if seq else None, torch.Generator().manual_seed(ctx.config.seed), vocab)
-    first = small.args[0] if small.args and isinstance(small.args[0], torch.Tensor) else None
-    if first is None or not emitted.accepts(small.args, small.kwargs):
-        return {"route": "graph", "reason": "the graph does not take one-row inputs or the first argument is not a tensor"}
-    device = first.device.type
-    with torch.no_grad():
-        times = {name: median_seconds(lambda m=m: m(*small.args, **small.kwargs), device, seconds=0.15, min_runs=10)
-                 for name, m in (("graph", emitted.graph), ("eager", emitted.eager))}
-    route = "eager" if times["eager"] < 0.95 * times["graph"] else "graph"
-    if route == "eager":
-        emitted.eager_below = first.numel()
-    return {"route": route, "elements": first.numel(), **{f"{k}_ms": round(v * 1e3, 4) for k, v in times.items()}}

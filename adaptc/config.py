@@ -28,6 +28,9 @@ class CompileConfig:
     tune: bool = True
     tune_trials: int = 12        # measurements per kernel problem, at most
     tune_seconds: float = 20.0   # wall time per kernel problem, at most
+    # Time the result against the original (example size, one row, a decode step); a size it is slower at
+    # is routed to the faster module (graphs) or the last pass is rolled back (blocks).
+    speed_check: bool = True
     # Progress bars for the long steps (distillation, tuning): None shows them when stderr is a
     # terminal, else one summary line a step; True always; False never, and no summary lines either.
     progress: bool | None = None

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import CaptureError
+from .guards import Guards, tracer_guards
 from .inputs import Inputs, _dynamic_dims
 
 
@@ -21,6 +22,8 @@ class Captured:
     program: Any = None         # the ExportedProgram, when method == "export"
     # Per tensor input, each dim: its fixed size, or (symbol, min, max) where the graph kept it symbolic.
     shapes: list[tuple[Any, ...]] | None = None
+    # torch's guards for CompiledModule.accepts to check; None: the graph module checks them itself.
+    guards: Guards | None = None
 
 
 def is_driven_from_python(model: nn.Module) -> bool:
@@ -47,11 +50,14 @@ def export(model: nn.Module, inputs: Inputs) -> Captured:
     program = torch.export.export(
         model, inputs.args, inputs.kwargs, dynamic_shapes=dynamic_shapes(model, inputs), strict=False
     )
-    try:  # CompiledModule.accepts checks the input shapes itself: the graph's guard check costs ~0.25 ms a call
-        graph = program.module(check_guards=False)
+    # CompiledModule.accepts checks sizes and torch's guards itself: the graph's own check costs ~0.25 ms
+    # a call. Where the guards cannot be read, the graph keeps that check.
+    guards = tracer_guards(program, model)
+    try:
+        graph = program.module(check_guards=guards is None)
     except TypeError:  # torch without the flag
         graph = program.module()
-    return Captured("export", graph, program, input_shapes(program))
+    return Captured("export", graph, program, input_shapes(program), guards)
 
 
 def input_shapes(program: Any) -> list[tuple[Any, ...]]:

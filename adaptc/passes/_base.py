@@ -177,6 +177,19 @@ class Pass:
 class PassManager:
     def __init__(self, passes: list[Pass]):
         self.passes = passes
+        self.edits: dict[str, ModuleEdit] = {}  # each applied pass's edit, in order: roll_back_last undoes one
+
+    def roll_back_last(self, ctx: CompileContext, results: list[PassResult], reason: str) -> PassResult | None:
+        """Undo the most recently applied pass (later passes built on it, so only that one); None if none is."""
+        applied = [r for r in results if r.status == "applied" and r.name in self.edits]
+        if not applied:
+            return None
+        result = applied[-1]
+        edit = self.edits.pop(result.name)
+        edit.rollback()
+        ctx.working = edit.root
+        result.status, result.reason = "rolled_back", reason
+        return result
 
     def run(self, ctx: CompileContext) -> tuple[list[PassResult], dict[str, dict[str, Any]]]:
         results, verification = [], {}
@@ -223,4 +236,5 @@ class PassManager:
                 return PassResult(p.name, "rolled_back", reason=f"verification failed: {cmp.why}",
                                   declined=result.declined)
         result.status = "applied"
+        self.edits[p.name] = edit
         return result

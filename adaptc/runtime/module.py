@@ -34,18 +34,27 @@ class CompiledModule(nn.Module):
     """A captured graph with the rewritten eager model beside it.
 
     Calls the graph accepts (the example's argument structure and dtypes, tensor sizes free where the
-    graph kept them symbolic) run the graph; anything else runs the eager model, which computes the
-    same function. Attributes the user's model had (config, device, ...) are forwarded to it.
+    graph kept them symbolic, torch's shape guards) run the graph; anything else runs the eager model,
+    which computes the same function. Attributes the user's model had (config, device, ...) are
+    forwarded to it.
     """
 
-    def __init__(self, graph: nn.Module, signature: Any, eager: nn.Module | None = None, eager_below: int = 0):
+    def __init__(self, graph: nn.Module, signature: Any, eager: nn.Module | None = None, guards: Any = None):
         super().__init__()
         self.graph = graph
         self.eager = eager
         self._signature = signature
-        # Calls whose first tensor has at most this many elements run eager: at decode-sized inputs the
-        # graph module's per-call overhead can cost more than it saves (compile measures both).
-        self.eager_below = eager_below
+        # torch's shape guards as a predicate on a call; None: the graph checks them itself and raises.
+        self.guards = guards
+        # Size class ("one_row": the first tensor has one row, else "batched") -> "eager" or "original":
+        # compile's speed check sends a size the graph is slower at to the faster module; the original
+        # (set as `original`) shares its parameters with the rewrite.
+        self.routes: dict[str, str] = {}
+
+    @staticmethod
+    def size_class(args: tuple, kwargs: dict) -> str:
+        first = next((x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.ndim), None)
+        return "one_row" if first is not None and first.shape[0] == 1 else "batched"
 
     @staticmethod
     def signature_of(args: tuple, kwargs: dict, shapes: list[tuple[Any, ...]] | None = None) -> Any:
@@ -77,15 +86,21 @@ class CompiledModule(nn.Module):
                     name, lo, hi = dim
                     if n < lo or (hi is not None and n > hi) or symbols.setdefault(name, n) != n:
                         return False
-        return True
+        return self.guards is None or self.guards(args, kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.eager is None:
             return self.graph(*args, **kwargs)
-        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-        if (first is None or first.numel() > self.eager_below) and self.accepts(args, kwargs):
-            return self.graph(*args, **kwargs)
-        return self.eager(*args, **kwargs)
+        route = self.routes.get(self.size_class(args, kwargs), "graph") if self.routes else "graph"
+        if route == "graph" and self.accepts(args, kwargs):
+            if self.guards is not None:
+                return self.graph(*args, **kwargs)
+            try:
+                return self.graph(*args, **kwargs)
+            except AssertionError as exc:  # torch's own guard check, before the graph computes anything
+                if "Guard failed" not in str(exc):
+                    raise
+        return (self.original if route == "original" else self.eager)(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -93,19 +93,21 @@ def test_user_written_moe_variants(variant, tmp_path):
     torch.manual_seed(0)
     model = UserMoEModel(**variant).eval()
     x = torch.randint(0, 64, (2, 9))
-    fast = adaptc.compile(model, example_inputs=(x,))
+    fast = adaptc.compile(model, example_inputs=(x,), speed_check=True)
     entry = moe_status(fast)
     assert entry["status"] == "applied" and entry["sites"] == ["moes.0", "moes.1"], entry
     capture = adaptc.report(fast)["capture"]
     assert (capture["granularity"], capture["method"]) == ("graph", "export")
-    # compile timed graph and eager rewrite on a one-token call and routes such calls to the faster
-    assert capture["smallest_call"]["route"] in ("graph", "eager") and capture["smallest_call"]["elements"] == 1
+    # compile timed graph, eager rewrite and original at the example and one row, and routes each to the fastest
+    sizes = {s["size"]: s for s in adaptc.report(fast)["speed_check"]["sizes"]}
+    assert set(sizes) == {"example", "one_row"} and sizes["one_row"]["route"] in ("graph", "eager", "original")
     y = torch.randint(0, 64, (3, 13))
     with torch.no_grad():
         torch.testing.assert_close(fast(y), model(y), rtol=1e-4, atol=1e-5)
-        fast.eager_below = 1  # either route computes the same function
-        one = torch.randint(0, 64, (1, 1))
-        torch.testing.assert_close(fast(one), model(one), rtol=1e-4, atol=1e-5)
+        for route in ("graph", "eager", "original"):  # every route computes the same function
+            fast.original, fast.routes = model, {"one_row": route}
+            one = torch.randint(0, 64, (1, 1))
+            torch.testing.assert_close(fast(one), model(one), rtol=1e-4, atol=1e-5)
     adaptc.save(fast, tmp_path / "u.adaptc")
     loaded = adaptc.load(tmp_path / "u.adaptc")
     with torch.no_grad():
