@@ -11,7 +11,7 @@ from torch import nn
 
 from . import passes as pass_registry
 from ._version import VERSION
-from .capture.inputs import Inputs, random_inputs_like
+from .capture.inputs import Inputs, check_inputs
 from .capture.torch_capture import capture, is_driven_from_python
 from .config import CompileConfig
 from .errors import AdaptcError, CaptureError
@@ -48,15 +48,14 @@ def compile(
     config = CompileConfig(passes=passes, quality=quality, device=str(device) if device else None, **_config_options(options))
     if device is not None:
         model.to(device)
-    inputs = Inputs.of(example_inputs, example_kwargs)
+    example = Inputs.of(example_inputs, example_kwargs)
     was_training = model.training
     model.eval()  # compiled modules are for inference; dropout would make verification meaningless
     try:
         working = _structural_copy(model)
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        checks = check_inputs(model, example, config.verify_random_inputs, config.seed)  # sizes the model takes
         ctx = CompileContext(
-            original=model, working=working, inputs=inputs,
-            check_inputs=[inputs, *random_inputs_like(inputs, config.verify_random_inputs, config.seed, vocab)],
+            original=model, working=working, inputs=checks[0], check_inputs=checks,
             config=config,
             calibration=[b if isinstance(b, str) else Inputs.of(b) for b in calibration] if calibration is not None else None,
         )
