@@ -16,7 +16,7 @@ from .capture.torch_capture import capture, is_driven_from_python
 from .config import CompileConfig
 from .errors import AdaptcError, CaptureError
 from .passes._base import CompileContext, PassManager
-from .runtime.module import CompiledModule, CompiledState, attach, state_of
+from .runtime.module import STATE_ATTR, CompiledModule, CompiledState, attach, state_of
 
 
 def compile(
@@ -42,6 +42,12 @@ def compile(
     capture: "auto" (default), "graph", "export", "fx" or "blocks" (see CompileConfig).
     The user's model is never modified: the result shares its parameters.
     """
+    if not isinstance(model, nn.Module):
+        raise AdaptcError(f"compile takes an nn.Module, not a {type(model).__name__}: wrap it in a module whose "
+                          "forward calls it")
+    if hasattr(model, STATE_ATTR):
+        raise AdaptcError(f"this {type(model).__name__} is already compiled by adaptc: compile the original model "
+                          "instead (its report says what was done: adaptc.report)")
     if example_inputs is None and not example_kwargs:
         raise AdaptcError("compile needs example_inputs: every rewrite is verified on them")
     start = time.perf_counter()
