@@ -14,7 +14,7 @@ from ._version import VERSION
 from .capture.inputs import Inputs, check_inputs
 from .capture.torch_capture import capture, is_driven_from_python
 from .config import CompileConfig
-from .errors import AdaptcError, CaptureError
+from .errors import AdaptcError, CaptureError, caller_stacklevel
 from .passes._base import CompileContext, PassManager
 from .runtime.module import STATE_ATTR, CompiledModule, CompiledState, attach, state_of
 
@@ -134,7 +134,7 @@ def _emit(ctx: CompileContext, verification: dict, keeps: list[str] = ()) -> tup
     except CaptureError as exc:
         if mode != "auto":
             raise
-        warnings.warn(f"adaptc: {exc}; keeping block granularity", stacklevel=3)
+        warnings.warn(f"adaptc: {exc}; keeping block granularity", stacklevel=caller_stacklevel())
         return ctx.working, {"granularity": "blocks", "method": "module", "reason": str(exc)}
     cmp = ctx.verify(captured.module) if ctx.config.verify else None
     if cmp is not None:

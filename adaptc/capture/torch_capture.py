@@ -1,7 +1,11 @@
 """Whole-graph capture: torch.export (strict=False, dynamic batch / sequence dims), then fx as fallback."""
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -95,10 +99,29 @@ def capture(model: nn.Module, inputs: Inputs, methods: tuple[str, ...] = ("expor
     failures = []
     for name in methods:
         try:
-            return METHODS[name](model, inputs)
+            with _torch_quiet():
+                return METHODS[name](model, inputs)
         except Exception as exc:
             failures.append(f"{_method_label(name)} failed on {describe(exc)}")
     raise CaptureError(f"cannot capture {type(model).__name__}: " + "; then ".join(failures))
+
+
+@contextlib.contextmanager
+def _torch_quiet():
+    """On failure torch.export prints its partial traced graph to stderr (once per nested export
+    wrapper) and logs warnings; adaptc's one-line error names the construct instead. ADAPTC_DEBUG=1
+    keeps torch's output."""
+    if os.environ.get("ADAPTC_DEBUG", "") not in ("", "0"):
+        yield
+        return
+    torch_log = logging.getLogger("torch")  # its children (export, symbolic_shapes) inherit the level
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL + 1)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def _method_label(name: str) -> str:
