@@ -68,8 +68,14 @@ def input_shapes(program: Any) -> list[tuple[Any, ...]]:
     for node in program.graph.nodes:
         val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
         if isinstance(val, torch.Tensor):
-            shapes.append(tuple(d if isinstance(d, int) else _symbolic_dim(str(d.node.expr), ranges) for d in val.shape))
+            shapes.append(tuple(_dim(d, ranges) for d in val.shape))
     return shapes
+
+
+def _dim(d: Any, ranges: dict[str, Any]) -> Any:
+    # A dim marked Dim.AUTO that export specialised is a SymInt whose expression is a number: fixed.
+    expr = d if isinstance(d, int) else str(d.node.expr)
+    return int(expr) if isinstance(expr, int) or expr.isdigit() else _symbolic_dim(expr, ranges)
 
 
 def _finite(bound: Any) -> int | None:

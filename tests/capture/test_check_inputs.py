@@ -53,6 +53,8 @@ def test_whisper_encoder_keeps_its_mel_bins_and_frames():
     assert checks[0].batch_seq() == (2, None)  # the example learnt it has no sequence dim
     fast = adaptc.compile(model, example_inputs=(features,), tune=False)
     torch.testing.assert_close(fast(features).last_hidden_state, model(features).last_hidden_state)
+    assert fast.accepts((torch.randn(3, 16, 16),), {})
+    assert not fast.accepts((torch.randn(3, 17, 16),), {})  # export fixed the mel bins: so does the graph's guard
 
 
 def test_sequence_varies_only_in_tensors_that_share_the_examples_length():
