@@ -37,7 +37,7 @@ class Inputs:
     def resized(self, batch: int, seq: int | None, generator: torch.Generator, vocab: int | None = None) -> "Inputs":
         """Fresh random inputs shaped like these but with another batch / sequence size. The sequence is
         dim 1 of the tensors as long as the first one's: another length (decoder ids, mel bins) is kept."""
-        length = self.batch_seq()[1]
+        length = self.batch_seq()[1] if self.tensors() else None
         seq = None if length is None else seq
 
         def fresh(x: Any) -> Any:
@@ -115,8 +115,10 @@ def check_inputs(model: Any, inputs: Inputs, count: int, seed: int) -> list[Inpu
     Which dims may vary is the model's answer, not the tensors' positions: sequences stay within the
     config's position limit (an example already at it is checked at shorter lengths), and a size the
     model rejects (mel bins, fixed frames, a fixed batch) is kept at the example's from then on. The
-    example returned says what was learnt (static_seq): export and the tuner use it too.
+    example returned says what was learnt (static_seq) for the steps after (export, its smallest call).
     """
+    if not inputs.tensors():
+        return [inputs]
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     limit = (position_limit(config) or (None,))[0]

@@ -35,6 +35,20 @@ def test_a_model_at_its_maximum_length_is_checked_at_shorter_lengths_only():
     assert {c.args[0].shape[0] for c in checks[1:]} != {2}  # the batch still varies
 
 
+def test_a_limit_no_config_states_is_learnt_from_the_model():
+    class Positions(torch.nn.Module):  # a learned table of 16 positions, no config
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.positions = torch.nn.Embedding(50, 4), torch.nn.Embedding(16, 4)
+
+        def forward(self, ids):
+            return self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))
+
+    checks = check_inputs(Positions(), Inputs.of((torch.randint(0, 50, (2, 16)),)), 3, seed=0)
+    seqs = [c.args[0].shape[1] for c in checks[1:]]
+    assert len(seqs) == 3 and max(seqs) <= 16 and min(seqs) < 16, seqs
+
+
 def test_bert_compiled_at_its_maximum_length():
     model = tiny_bert(positions=16)
     ids = torch.randint(0, 50, (2, 16))
