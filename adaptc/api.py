@@ -15,12 +15,12 @@ from . import passes as pass_registry
 from . import speed_check
 from ._version import VERSION
 from .capture.guards import size_one_floors
-from .capture.inputs import Inputs, random_inputs_like
+from .capture.inputs import Inputs, check_inputs
 from .capture.torch_capture import capture, is_driven_from_python
 from .config import CompileConfig
-from .errors import AdaptcError, CaptureError
+from .errors import AdaptcError, CaptureError, caller_stacklevel
 from .passes._base import CompileContext, PassManager
-from .runtime.module import CompiledModule, CompiledState, attach, state_of
+from .runtime.module import STATE_ATTR, CompiledModule, CompiledState, attach, state_of
 
 
 def compile(
@@ -46,21 +46,26 @@ def compile(
     capture: "auto" (default), "graph", "export", "fx" or "blocks" (see CompileConfig).
     The user's model is never modified: the result shares its parameters.
     """
+    if not isinstance(model, nn.Module):
+        raise AdaptcError(f"compile takes an nn.Module, not a {type(model).__name__}: wrap it in a module whose "
+                          "forward calls it")
+    if hasattr(model, STATE_ATTR):
+        raise AdaptcError(f"this {type(model).__name__} is already compiled by adaptc: compile the original model "
+                          "instead (its report says what was done: adaptc.report)")
     if example_inputs is None and not example_kwargs:
         raise AdaptcError("compile needs example_inputs: every rewrite is verified on them")
     start = time.perf_counter()
     config = CompileConfig(passes=passes, quality=quality, device=str(device) if device else None, **_config_options(options))
     if device is not None:
         model.to(device)
-    inputs = Inputs.of(example_inputs, example_kwargs)
+    example = Inputs.of(example_inputs, example_kwargs)
     was_training = model.training
     model.eval()  # compiled modules are for inference; dropout would make verification meaningless
     try:
         working = _structural_copy(model)
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        checks = check_inputs(model, example, config.verify_random_inputs, config.seed)  # sizes the model takes
         ctx = CompileContext(
-            original=model, working=working, inputs=inputs,
-            check_inputs=[inputs, *random_inputs_like(inputs, config.verify_random_inputs, config.seed, vocab)],
+            original=model, working=working, inputs=checks[0], check_inputs=checks,
             config=config,
             calibration=[b if isinstance(b, str) else Inputs.of(b) for b in calibration] if calibration is not None else None,
         )
@@ -151,7 +156,7 @@ def _emit(ctx: CompileContext, verification: dict, keeps: list[str] = ()) -> tup
     except CaptureError as exc:
         if mode != "auto":
             raise
-        warnings.warn(f"adaptc: {exc}; keeping block granularity", stacklevel=3)
+        warnings.warn(f"adaptc: {exc}; keeping block granularity", stacklevel=caller_stacklevel())
         return ctx.working, {"granularity": "blocks", "method": "module", "reason": str(exc)}
     signature = CompiledModule.signature_of(ctx.inputs.args, ctx.inputs.kwargs, captured.shapes)
     emitted = CompiledModule(captured.module, signature, eager=ctx.working, guards=captured.guards)

@@ -189,3 +189,15 @@ def test_bert_with_token_type_ids_and_object_options_compiles_with_a_json_report
     report = json.loads(json.dumps(adaptc.report(fast)))  # random check inputs keep token types in range
     assert {p["name"]: p["status"] for p in report["passes"]}["attention_fusion"] == "applied"
     assert report["config"]["options"]["tokenizer"] == "<object>"
+
+
+def test_compiling_a_compiled_module_or_a_function_says_so_up_front():
+    model = nn.Linear(3, 3).eval()
+    x = torch.randn(2, 3)
+    fast = adaptc.compile(model, example_inputs=(x,), tune=False)
+    with pytest.raises(adaptc.AdaptcError, match="already compiled"):
+        adaptc.compile(fast, example_inputs=(x,))
+    with pytest.raises(adaptc.AdaptcError, match="already compiled"):
+        adaptc.compile(adaptc.compile(model, example_inputs=(x,), capture="blocks", tune=False), example_inputs=(x,))
+    with pytest.raises(adaptc.AdaptcError, match="takes an nn.Module.*function"):
+        adaptc.compile(lambda t: t * 2, example_inputs=(x,))

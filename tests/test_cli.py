@@ -62,6 +62,19 @@ def test_tune_the_kernels_of_a_hugging_face_model(tmp_path):
     assert len(studies) == list(sources.values()).count("measured") >= 2, sources
 
 
+def test_tune_a_hugging_face_model_at_its_maximum_length_and_no_longer(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+               max_position_embeddings=16).save_pretrained(tmp_path)
+    args = ["tune", "--hf-config", str(tmp_path), "--trials", "1", "--seconds", "5", "--json"]
+    result = CliRunner().invoke(main, [*args, "--seq", "1", "--seq", "16"])  # the README's --seq 1 --seq 512
+    assert result.exit_code == 0, result.output
+    assert {k["seq"] for k in json.loads(result.output)["kernels"]} == {1, 16}
+    result = CliRunner().invoke(main, [*args, "--seq", "8", "--seq", "17"])
+    assert result.exit_code == 2 and "--seq 17" in result.output and "max_position_embeddings = 16" in result.output
+
+
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "postgresql://adaptc:hunter2@127.0.0.1:1/db"])
 def test_tune_with_a_study_storage_it_cannot_open_says_so(url):
     result = CliRunner().invoke(main, ["tune", "fused_moe", "--problem", "H=64,I=32,E=8,K=2", "--tokens", "8",

@@ -1,7 +1,11 @@
 """Whole-graph capture: torch.export (strict=False, dynamic batch / sequence dims), then fx as fallback."""
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -70,8 +74,14 @@ def input_shapes(program: Any) -> list[tuple[Any, ...]]:
     for node in program.graph.nodes:
         val = node.meta.get("val") if node.op == "placeholder" and node.name in user else None
         if isinstance(val, torch.Tensor):
-            shapes.append(tuple(d if isinstance(d, int) else _symbolic_dim(str(d.node.expr), ranges) for d in val.shape))
+            shapes.append(tuple(_dim(d, ranges) for d in val.shape))
     return shapes
+
+
+def _dim(d: Any, ranges: dict[str, Any]) -> Any:
+    # A dim marked Dim.AUTO that export specialised is a SymInt whose expression is a number: fixed.
+    expr = d if isinstance(d, int) else str(d.node.expr)
+    return int(expr) if isinstance(expr, int) or expr.isdigit() else _symbolic_dim(expr, ranges)
 
 
 def _finite(bound: Any) -> int | None:
@@ -101,10 +111,29 @@ def capture(model: nn.Module, inputs: Inputs, methods: tuple[str, ...] = ("expor
     failures = []
     for name in methods:
         try:
-            return METHODS[name](model, inputs)
+            with _torch_quiet():
+                return METHODS[name](model, inputs)
         except Exception as exc:
             failures.append(f"{_method_label(name)} failed on {describe(exc)}")
     raise CaptureError(f"cannot capture {type(model).__name__}: " + "; then ".join(failures))
+
+
+@contextlib.contextmanager
+def _torch_quiet():
+    """On failure torch.export prints its partial traced graph to stderr (once per nested export
+    wrapper) and logs warnings; adaptc's one-line error names the construct instead. ADAPTC_DEBUG=1
+    keeps torch's output."""
+    if os.environ.get("ADAPTC_DEBUG", "") not in ("", "0"):
+        yield
+        return
+    torch_log = logging.getLogger("torch")  # its children (export, symbolic_shapes) inherit the level
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL + 1)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def _method_label(name: str) -> str:

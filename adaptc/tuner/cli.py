@@ -172,6 +172,7 @@ def _tune_model(path, batch, seqs, dtype, device, budget, strategy, store, as_js
     import torch
 
     import adaptc
+    from ..capture.inputs import position_limit
     from ..errors import AdaptcError
     from .session import tune_calls
 
@@ -183,6 +184,10 @@ def _tune_model(path, batch, seqs, dtype, device, budget, strategy, store, as_js
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise click.BadParameter(f"{path} is not a Hugging Face config: {e}") from None
+    limit = position_limit(config)
+    if limit and max(seqs) > limit[0]:
+        raise click.BadParameter(f"--seq {max(seqs)} is longer than the model takes ({limit[1]} = {limit[0]})",
+                                 param_hint="--seq")
     torch.manual_seed(0)
     try:
         model = AutoModelForCausalLM.from_config(config)
