@@ -3,7 +3,7 @@ ask for memory its own bytes do not justify.
 
 torch.export.load is not safe on its own: it unpickles members (`use_pickle` weights and constants with
 weights_only=False, opaque objects with pickle.loads, sample inputs on a weights_only failure), loads
-`data/aotinductor/` shared libraries, `exec`s the program's `guards_code`, `sympify`s (evals) symbolic
+`data/aotinductor/` shared libraries, `exec`s the program's `guards_code` (size checks here), `sympify`s (evals) symbolic
 sizes and splices attribute and input names into generated Python. So `read_program` checks the archive's
 members itself and hands torch a repacked archive of exactly the members it checked; `check_graph` then
 admits only the ops adaptc's own graphs use. `check_hf_config` keeps a saved Hugging Face config from
@@ -69,8 +69,8 @@ def read_program(data: bytes) -> Any:
     if not isinstance(inputs, (tuple, dict)):
         raise SaveLoadError("program.pt2 inside it has sample inputs that are not a tuple")
     program = json.loads(files["models/model.json"])
-    if program.get("guards_code"):
-        raise SaveLoadError("program.pt2 inside it carries guards_code (Python that torch would exec); adaptc never writes it")
+    for guard in program.get("guards_code") or []:
+        _check_guard(guard)
     _check_program_json(program)
     buf = io.BytesIO()  # torch reads exactly the members checked above, not whatever its own zip reader finds
     with zipfile.ZipFile(buf, "w") as zf:
@@ -105,7 +105,7 @@ def _check_payloads(files: dict[str, bytes], config_name: str, folder: str, pref
     try:
         entries = json.loads(files[config_name])["config"]
         for fqn, meta in entries.items():
-            what = f"program.pt2 inside it has {config_name.split('/')[1][:-1]} {fqn!r}"
+            what = f"program.pt2 inside it has {config_name.split('/')[1][:-1]} {fqn[:60]!r}"
             path_name = meta["path_name"]
             if meta.get("use_pickle") or not (isinstance(path_name, str) and _IDENT.fullmatch(path_name)
                                               and path_name.startswith(prefix)):
@@ -188,6 +188,38 @@ def _check_expr(text: Any) -> None:
     if not ok:
         raise SaveLoadError(f"program.pt2 inside it has a symbolic size {str(text)[:80]!r} that is not a sympy "
                             "expression (torch would eval it)")
+
+
+_GUARD_NODES = (ast.Expression, ast.Compare, ast.BoolOp, ast.BinOp, ast.UnaryOp, ast.Subscript, ast.Attribute,
+                ast.Call, ast.Name, ast.Load, ast.Constant, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
+
+
+def _check_guard(text: Any) -> None:
+    """guards_code is Python that ExportedProgram.module() execs: only comparisons of input sizes as
+    torch.export writes them (`L['input_ids'].size()[1] <= 64`) are let through."""
+    try:
+        tree = ast.parse(text, mode="eval") if isinstance(text, str) and len(text) < 10_000 else None
+    except SyntaxError:
+        tree = None
+    ok = tree is not None
+    for node in ast.walk(tree) if ok else ():
+        if not isinstance(node, _GUARD_NODES) or isinstance(node, ast.Pow):
+            ok = False
+        elif isinstance(node, ast.Name):
+            ok = node.id == "L"
+        elif isinstance(node, ast.Attribute):
+            ok = node.attr in ("size", "stride", "storage_offset", "dim")
+        elif isinstance(node, ast.Call):
+            ok = isinstance(node.func, ast.Attribute) and not node.keywords
+        elif isinstance(node, ast.Constant):
+            v = node.value
+            ok = isinstance(v, (bool, float)) or (isinstance(v, int) and abs(v) < 1 << 64) or (
+                isinstance(v, str) and bool(_IDENT.fullmatch(v)))
+        if not ok:
+            break
+    if not ok:
+        raise SaveLoadError(f"program.pt2 inside it has a guard {str(text)[:80]!r} that is not a size check "
+                            "(torch would exec it)")
 
 
 # --- the deserialized graph ----------------------------------------------------------------------------

@@ -91,7 +91,12 @@ def pickled_constant(files, marker):  # an "opaque object" constant is pickle.lo
 
 def guard_code(files, marker):  # guards_code is exec'd by ExportedProgram.module()
     edit_json(files, "models/model.json", lambda p: p.update(
-        guards_code=[f"__import__('pathlib').Path({str(marker)!r}).touch() is None"]))
+        guards_code=["L['input'].size()[1] == 3", f"__import__('pathlib').Path({str(marker)!r}).touch() is None"]))
+
+
+def guard_attribute(files, marker):  # a size check may not reach past the input's sizes
+    edit_json(files, "models/model.json", lambda p: p.update(
+        guards_code=[f"L['input'].__class__.__base__ is None or open({str(marker)!r}, 'w')"]))
 
 
 def sympy_expression(files, marker):  # symbolic sizes go through sympy.sympify, which evals
@@ -115,8 +120,8 @@ def aot_library(files, marker):  # data/aotinductor/ members are loaded as a com
     files["data/aotinductor/model/model.so"] = b"\x7fELF not really"
 
 
-ARCHIVE_ATTACKS = [pickled_sample_inputs, pickled_weight, pickled_constant, guard_code, sympy_expression,
-                   get_attr_name, aot_library]
+ARCHIVE_ATTACKS = [pickled_sample_inputs, pickled_weight, pickled_constant, guard_code, guard_attribute,
+                   sympy_expression, get_attr_name, aot_library]
 
 
 @pytest.mark.parametrize("attack", ARCHIVE_ATTACKS, ids=lambda a: a.__name__)
@@ -188,11 +193,14 @@ def test_export_refuses_a_hostile_file_with_exit_code_2(tmp_path):
     assert not marker.exists() and not (tmp_path / "x.onnx").exists()
 
 
-def test_own_dynamic_program_still_loads(tmp_path):
+def test_own_dynamic_program_and_size_guards_still_load(tmp_path):
     path = saved_program(tmp_path)
+    rewrite_program(path, lambda files: edit_json(files, "models/model.json", lambda p: p.update(
+        guards_code=["L['input'].size()[1] == 3", "L['input'].size()[0] <= 64"])))  # as torch.export writes them
     loaded = adaptc.load(path)
-    x = torch.randn(7, 3)
-    assert loaded(x).shape == (7, 3)
+    assert loaded(torch.randn(7, 3)).shape == (7, 3)
+    with pytest.raises(AssertionError, match="Guard failed"):
+        loaded.graph(torch.randn(65, 3))
 
 
 # --- hf_blocks files: a Hugging Face config rebuilds the model ---------------------------------------
