@@ -88,14 +88,16 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
             state = CompiledState(*(_field(manifest, name) for name in ("report", "plan", "config")))
             kind = manifest.get("kind")
             if kind == "exported_program":
-                program = _read_member(zf, "program.pt2", trust.read_program, "a torch.export.save archive")
+                what = "a torch.export.save archive"
+                program = _member("program.pt2", what, trust.read_program, _read(zf, "program.pt2"))
                 trust.check_graph(program)
-                module: nn.Module = CompiledModule(program.module(), signature=None)
+                module: nn.Module = CompiledModule(_member("program.pt2", what, program.module), signature=None)
                 module._program = program
             elif kind == "hf_blocks":
+                data = io.BytesIO(_read(zf, "weights.pt"))
+                weights = _member("weights.pt", "tensors written by torch.save", lambda: torch.load(
+                    data, map_location=map_location, weights_only=True))
                 trust.check_hf_config(manifest.get("hf_config"))
-                weights = _read_member(zf, "weights.pt", lambda data: torch.load(
-                    io.BytesIO(data), map_location=map_location, weights_only=True), "tensors written by torch.save")
                 module = _rebuild_hf(manifest, weights)
             else:
                 raise SaveLoadError(f"unknown kind {kind!r}")
@@ -106,7 +108,8 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
     except OSError as exc:
         raise SaveLoadError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, RuntimeError, ValueError) as exc:
-        raise SaveLoadError(f"{path}: not a readable adaptc file ({type(exc).__name__}: {exc})") from None
+        message = " ".join(str(exc).split())[:300]  # torch's messages span lines (load_state_dict's lists keys)
+        raise SaveLoadError(f"{path}: not a readable adaptc file ({type(exc).__name__}: {message})") from None
     return attach(module, state)
 
 
@@ -124,16 +127,15 @@ def _field(manifest: dict[str, Any], name: str) -> dict[str, Any]:
     return value
 
 
-def _read_member(zf: zipfile.ZipFile, name: str, read: Any, what: str) -> Any:
-    """`read` applied to the bytes of member `name`; whatever it raises on damaged bytes becomes one line naming the
+def _member(name: str, what: str, fn: Any, *args: Any) -> Any:
+    """`fn(*args)` on member `name`; whatever it raises on damaged bytes becomes one line naming the
     member. torch's own messages are left out: they suggest weights_only=False, which would run code from
     the file, and torch.export logs a traceback first (silenced here)."""
-    data = _read(zf, name)
     log = logging.getLogger("torch.export")
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        return read(data)
+        return fn(*args)
     except SaveLoadError:
         raise
     except Exception as exc:
@@ -162,7 +164,7 @@ def _rebuild_hf(manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> n
         raise SaveLoadError(f"model class {name!r} is not a transformers model")
     config_dict = dict(manifest["hf_config"])
     model_type = config_dict.pop("model_type", None)
-    if model_type not in transformers.CONFIG_MAPPING:
+    if not (isinstance(model_type, str) and model_type in transformers.CONFIG_MAPPING):
         raise SaveLoadError(f"hf_config.model_type {model_type!r} is not a model type transformers knows")
     try:  # the config is data from the file: a bad one is a load error, not transformers' traceback
         config = transformers.AutoConfig.for_model(model_type, **config_dict)
@@ -176,9 +178,10 @@ def _rebuild_hf(manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> n
     except Exception as exc:
         line = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
         raise SaveLoadError(f"hf_config does not build a {name}: {type(exc).__name__}: {line[:200]}") from None
+    if not (isinstance(weights, dict) and all(isinstance(t, torch.Tensor) for t in weights.values())):
+        raise SaveLoadError("weights.pt inside it is not a dict of tensors")
     need = sum(t.numel() * t.element_size() for t in itertools.chain(probe.parameters(), probe.buffers()))
-    have = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in weights.values()
-                if isinstance(t, torch.Tensor)}.values())
+    have = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in weights.values()}.values())
     del probe
     if need > 2 * have + (64 << 20):
         raise SaveLoadError(f"hf_config asks for a {need / 1e9:.3g} GB {name}, the file's weights hold "

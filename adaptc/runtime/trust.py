@@ -55,9 +55,9 @@ _PAYLOADS = {"data/weights/model_weights_config.json": ("data/weights/", "weight
 def read_program(data: bytes) -> Any:
     """The ExportedProgram in a torch.export.save archive, read without running anything from it."""
     files = _archive_members(data)
-    for config_name, (folder, prefix) in _PAYLOADS.items():
-        _check_payloads(files, config_name, folder, prefix)
-    unexpected = sorted(set(files) - _FIXED - {n for n in files if n.startswith(tuple(f for f, _ in _PAYLOADS.values()))})
+    records = {r for config_name, (folder, prefix) in _PAYLOADS.items()
+               for r in _check_payloads(files, config_name, folder, prefix)}
+    unexpected = sorted(set(files) - _FIXED - records)  # e.g. data/weights/model.pt, torch's legacy pickle
     if unexpected:
         raise SaveLoadError(f"program.pt2 inside it holds {unexpected[0]!r}, which adaptc never writes "
                             "(torch would load it as code or pickle)")
@@ -100,8 +100,10 @@ def _archive_members(data: bytes) -> dict[str, bytes]:
     return files
 
 
-def _check_payloads(files: dict[str, bytes], config_name: str, folder: str, prefix: str) -> None:
-    """Every weight / constant is a raw tensor record: no pickle, no object, no size its bytes lack."""
+def _check_payloads(files: dict[str, bytes], config_name: str, folder: str, prefix: str) -> set[str]:
+    """Every weight / constant is a raw tensor record: no pickle, no object, no size its bytes lack.
+    Returns the members the config refers to."""
+    records = set()
     try:
         entries = json.loads(files[config_name])["config"]
         for fqn, meta in entries.items():
@@ -119,8 +121,10 @@ def _check_payloads(files: dict[str, bytes], config_name: str, folder: str, pref
             sizes = [s["as_int"] for s in meta["tensor_meta"]["sizes"]]
             if not all(type(s) is int and 0 <= s for s in sizes) or (math.prod(sizes) and not record):
                 raise SaveLoadError(f"{what} with sizes {sizes} that its {len(record)} bytes do not hold")
+            records.add(folder + path_name)
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
         raise SaveLoadError(f"program.pt2 inside it has a damaged {config_name} ({type(exc).__name__}: {exc})") from None
+    return records
 
 
 # Keys whose strings become Python identifiers or attribute paths in the module torch generates.

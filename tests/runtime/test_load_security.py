@@ -89,6 +89,10 @@ def pickled_constant(files, marker):  # an "opaque object" constant is pickle.lo
     files[f"data/constants/{name}"] = pickle.dumps(Touch(marker))
 
 
+def legacy_weights(files, marker):  # torch still reads data/weights/model.pt, retrying with weights_only=False
+    files["data/weights/model.pt"] = torch_bytes(Touch(marker))
+
+
 def guard_code(files, marker):  # guards_code is exec'd by ExportedProgram.module()
     edit_json(files, "models/model.json", lambda p: p.update(
         guards_code=["L['input'].size()[1] == 3", f"__import__('pathlib').Path({str(marker)!r}).touch() is None"]))
@@ -120,8 +124,8 @@ def aot_library(files, marker):  # data/aotinductor/ members are loaded as a com
     files["data/aotinductor/model/model.so"] = b"\x7fELF not really"
 
 
-ARCHIVE_ATTACKS = [pickled_sample_inputs, pickled_weight, pickled_constant, guard_code, guard_attribute,
-                   sympy_expression, get_attr_name, aot_library]
+ARCHIVE_ATTACKS = [pickled_sample_inputs, pickled_weight, pickled_constant, legacy_weights, guard_code,
+                   guard_attribute, sympy_expression, get_attr_name, aot_library]
 
 
 @pytest.mark.parametrize("attack", ARCHIVE_ATTACKS, ids=lambda a: a.__name__)
@@ -245,6 +249,8 @@ def test_own_hf_file_still_loads(tmp_path):
     (lambda m: m["hf_config"].update(hidden_size="16"), "hidden_size"),
     (lambda m: m["hf_config"].update(num_hidden_layers=-1), "num_hidden_layers"),
     (lambda m: m["hf_config"].update(model_type="no_such_model"), "model_type"),
+    (lambda m: m["hf_config"].update(model_type=["llama"]), "model_type"),
+    (lambda m: m["hf_config"].update(intermediate_size=48), "size mismatch"),  # torch's message spans lines
     (lambda m: m.update(hf_config=[1]), "hf_config"),
     # allocatable or not, a model far larger than the weights in the file is refused before it is built
     (lambda m: m["hf_config"].update(vocab_size=2 ** 24, hidden_size=2 ** 14), "weights"),
@@ -290,3 +296,12 @@ def test_save_into_a_missing_folder_names_the_path(tmp_path):
     with pytest.raises(adaptc.SaveLoadError) as info:
         adaptc.save(fast, target)
     assert str(target) in str(info.value) and ".tmp" not in str(info.value)
+
+
+def test_weights_that_are_not_a_dict_of_tensors_are_one_line(tmp_path):
+    path = saved_hf(tmp_path)
+    files = members(path)
+    files["weights.pt"] = torch_bytes([torch.zeros(2)])
+    write_zip(path, files)
+    with pytest.raises(adaptc.SaveLoadError, match="evil.adaptc: weights.pt inside it is not a dict of tensors"):
+        adaptc.load(path)
