@@ -1,13 +1,14 @@
 """What `adaptc.load` accepts from a file it did not write: nothing in it may run code, touch files or
 ask for memory its own bytes do not justify.
 
-torch.export.load is not safe on its own: it unpickles members (`use_pickle` weights and constants with
-weights_only=False, opaque objects with pickle.loads, sample inputs on a weights_only failure), loads
-`data/aotinductor/` shared libraries, `exec`s the program's `guards_code` (size checks here), `sympify`s (evals) symbolic
-sizes and splices attribute and input names into generated Python. So `read_program` checks the archive's
-members itself and hands torch a repacked archive of exactly the members it checked; `check_graph` then
-admits only the ops adaptc's own graphs use. `check_hf_config` keeps a saved Hugging Face config from
-choosing downloaded code (Hub kernels, remote modeling files) or absurd sizes.
+torch.export.load is not safe on its own: it unpickles members (`use_pickle` weights and constants and the
+legacy weights file with weights_only=False, opaque objects with pickle.loads, sample inputs after a
+weights_only failure), loads `data/aotinductor/` shared libraries, `exec`s the program's `guards_code`,
+`sympify`s (evals) symbolic sizes and splices attribute and input names into generated Python. So
+`read_program` checks the archive's members itself (guards only as size checks, sizes only as sympy
+constructors, names only as dotted identifiers) and hands torch a repacked archive of exactly the members
+it checked; `check_graph` then admits only the ops adaptc's own graphs use. `check_hf_config` keeps a saved
+Hugging Face config from choosing downloaded code (Hub kernels, remote modeling files) or absurd sizes.
 """
 from __future__ import annotations
 
