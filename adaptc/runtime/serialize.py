@@ -7,8 +7,8 @@ class is looked up by name in `transformers` and must be a PreTrainedModel: noth
 """
 from __future__ import annotations
 
-import functools
 import io
+import itertools
 import json
 import logging
 import os
@@ -21,6 +21,7 @@ from torch import nn
 
 from .._version import VERSION
 from ..errors import SaveLoadError
+from . import trust
 from .module import CompiledModule, CompiledState, attach, state_of
 
 FORMAT_VERSION = 1
@@ -53,7 +54,12 @@ def save(module: nn.Module, path: str | os.PathLike) -> None:
         )
     # Write next to the target and rename: an interrupted save never leaves a half file at `path`.
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:  # the errors name the user's path, not the temporary file beside it
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    except OSError as exc:
+        missing = "" if os.path.isdir(folder) else f" (no folder {folder})"
+        raise SaveLoadError(f"cannot write {path}: {exc.strerror or exc}{missing}") from None
     try:
         with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w") as zf:
             os.fchmod(fh.fileno(), 0o644)  # mkstemp's 0600 would keep the file from the people it is for
@@ -61,8 +67,10 @@ def save(module: nn.Module, path: str | os.PathLike) -> None:
             for name, data in files.items():
                 zf.writestr(name, data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise SaveLoadError(f"cannot write {path}: {exc.strerror or exc}") from None
         raise
 
 
@@ -72,47 +80,66 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
 
     try:
         with zipfile.ZipFile(path) as zf:
-            manifest = json.loads(zf.read("manifest.json"))
+            manifest = json.loads(_read(zf, "manifest.json", trust.MANIFEST_LIMIT))
             if not isinstance(manifest, dict):
-                raise SaveLoadError(f"{path}: manifest.json is not a JSON object (not a file adaptc.save wrote)")
+                raise SaveLoadError("manifest.json is not a JSON object (not a file adaptc.save wrote)")
             if manifest.get("format") != "adaptc" or manifest.get("format_version") != FORMAT_VERSION:
-                raise SaveLoadError(f"{path}: format version {manifest.get('format_version')} "
-                                    f"(this adaptc reads {FORMAT_VERSION})")
-            state = CompiledState(manifest["report"], manifest["plan"], manifest["config"])
+                raise SaveLoadError(f"format version {manifest.get('format_version')} (this adaptc reads {FORMAT_VERSION})")
+            state = CompiledState(*(_field(manifest, name) for name in ("report", "plan", "config")))
             kind = manifest.get("kind")
             if kind == "exported_program":
-                program = _read_member(path, zf, "program.pt2", torch.export.load, "a torch.export.save archive")
-                module: nn.Module = CompiledModule(program.module(), signature=None)
+                what = "a torch.export.save archive"
+                program = _member("program.pt2", what, trust.read_program, _read(zf, "program.pt2"))
+                trust.check_graph(program)
+                module: nn.Module = CompiledModule(_member("program.pt2", what, program.module), signature=None)
                 module._program = program
             elif kind == "hf_blocks":
-                read = functools.partial(torch.load, map_location=map_location, weights_only=True)
-                weights = _read_member(path, zf, "weights.pt", read, "tensors written by torch.save")
+                data = io.BytesIO(_read(zf, "weights.pt"))
+                weights = _member("weights.pt", "tensors written by torch.save", lambda: torch.load(
+                    data, map_location=map_location, weights_only=True))
+                trust.check_hf_config(manifest.get("hf_config"))
                 module = _rebuild_hf(manifest, weights)
             else:
-                raise SaveLoadError(f"{path}: unknown kind {kind!r}")
-    except SaveLoadError:
-        raise
+                raise SaveLoadError(f"unknown kind {kind!r}")
+    except SaveLoadError as exc:  # every message starts with the file it is about
+        raise SaveLoadError(f"{path}: {exc}") from None
     except FileNotFoundError:
         raise SaveLoadError(f"{path}: no such file") from None
     except OSError as exc:
         raise SaveLoadError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, RuntimeError, ValueError) as exc:
-        raise SaveLoadError(f"{path}: not a readable adaptc file ({type(exc).__name__}: {exc})") from None
+        message = " ".join(str(exc).split())[:300]  # torch's messages span lines (load_state_dict's lists keys)
+        raise SaveLoadError(f"{path}: not a readable adaptc file ({type(exc).__name__}: {message})") from None
     return attach(module, state)
 
 
-def _read_member(path: str | os.PathLike, zf: zipfile.ZipFile, name: str, read: Any, what: str) -> Any:
-    """`read` applied to member `name`; whatever it raises on damaged bytes becomes one line naming the
+def _read(zf: zipfile.ZipFile, name: str, limit: int | None = None) -> bytes:
+    info = zf.getinfo(name)
+    trust.check_member(info, limit)
+    return zf.read(info)
+
+
+def _field(manifest: dict[str, Any], name: str) -> dict[str, Any]:
+    value = manifest[name]
+    if not isinstance(value, dict) or (name == "plan" and not all(isinstance(v, dict) for v in value.values())):
+        raise SaveLoadError(f"manifest.json has a {name} that is not a JSON object"
+                            + (" of pass -> {site: plan}" if name == "plan" else ""))
+    return value
+
+
+def _member(name: str, what: str, fn: Any, *args: Any) -> Any:
+    """`fn(*args)` on member `name`; whatever it raises on damaged bytes becomes one line naming the
     member. torch's own messages are left out: they suggest weights_only=False, which would run code from
     the file, and torch.export logs a traceback first (silenced here)."""
-    data = zf.read(name)
     log = logging.getLogger("torch.export")
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        return read(io.BytesIO(data))
+        return fn(*args)
+    except SaveLoadError:
+        raise
     except Exception as exc:
-        raise SaveLoadError(f"{path}: {name} inside it is damaged or not {what} ({type(exc).__name__})") from None
+        raise SaveLoadError(f"{name} inside it is damaged or not {what} ({type(exc).__name__})") from None
     finally:
         log.setLevel(level)
 
@@ -131,14 +158,39 @@ def _rebuild_hf(manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> n
     from ..passes import registry
     from ..passes._base import ModuleEdit
 
-    cls = getattr(transformers, manifest["model_class"], None)
+    name = manifest.get("model_class")
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise SaveLoadError(f"model class {manifest['model_class']!r} is not a transformers model")
+        raise SaveLoadError(f"model class {name!r} is not a transformers model")
     config_dict = dict(manifest["hf_config"])
-    config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    model_type = config_dict.pop("model_type", None)
+    if not (isinstance(model_type, str) and model_type in transformers.CONFIG_MAPPING):
+        raise SaveLoadError(f"hf_config.model_type {model_type!r} is not a model type transformers knows")
+    try:  # the config is data from the file: a bad one is a load error, not transformers' traceback
+        config = transformers.AutoConfig.for_model(model_type, **config_dict)
+        if not isinstance(config, cls.config_class):
+            raise SaveLoadError(f"model class {name} takes a {cls.config_class.__name__}, "
+                                f"hf_config is a {type(config).__name__}")
+        with torch.device("meta"):  # the size the config asks for, before allocating any of it
+            probe = cls(config)
+    except SaveLoadError:
+        raise
+    except Exception as exc:
+        line = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
+        raise SaveLoadError(f"hf_config does not build a {name}: {type(exc).__name__}: {line[:200]}") from None
+    if not (isinstance(weights, dict) and all(isinstance(t, torch.Tensor) for t in weights.values())):
+        raise SaveLoadError("weights.pt inside it is not a dict of tensors")
+    need = sum(t.numel() * t.element_size() for t in itertools.chain(probe.parameters(), probe.buffers()))
+    have = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in weights.values()}.values())
+    del probe
+    if need > 2 * have + (64 << 20):
+        raise SaveLoadError(f"hf_config asks for a {need / 1e9:.3g} GB {name}, the file's weights hold "
+                            f"{have / 1e9:.3g} GB; refused before allocating")
     model = cls(config).eval()
     edit = ModuleEdit(model)
     for pass_name, sites in manifest["plan"].items():
+        if pass_name not in registry():
+            raise SaveLoadError(f"plan names pass {pass_name!r}, which this adaptc does not have")
         rebuild = getattr(registry()[pass_name], "rebuild", None)
         if rebuild is None:
             raise SaveLoadError(f"pass {pass_name!r} cannot be re-applied on load")
