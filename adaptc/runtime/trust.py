@@ -169,28 +169,35 @@ _EXPR_NODES = (ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.k
                ast.Compare, ast.BoolOp, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
 
 
-def _check_expr(text: Any) -> None:
-    """A sympy expression as torch.export prints it (`Symbol('s0', positive=True, integer=True)`,
-    `Add(...)`): calls of sympy constructors by name on numbers and symbol names, nothing else."""
+def _small_int(v: Any) -> bool:
+    return isinstance(v, (bool, float)) or (isinstance(v, int) and abs(v) < 1 << 64)
+
+
+def _only(text: Any, nodes: tuple, node_ok: Any) -> bool:
+    """Whether `text` parses as one Python expression made only of `nodes` (never `**`: a huge power
+    is a denial of service) each passing `node_ok`."""
     try:
         tree = ast.parse(text, mode="eval") if isinstance(text, str) and len(text) < 10_000 else None
     except SyntaxError:
-        tree = None
-    ok = tree is not None
-    for node in ast.walk(tree) if ok else ():
-        if not isinstance(node, _EXPR_NODES) or isinstance(node, ast.Pow):
-            ok = False
-        elif isinstance(node, ast.Call):
-            ok = isinstance(node.func, ast.Name) and all(k.arg for k in node.keywords)
-        elif isinstance(node, ast.Name):
-            ok = node.id in _SYMPY_NAMES or bool(_SYMBOL.fullmatch(node.id))
-        elif isinstance(node, ast.Constant):
-            v = node.value
-            ok = (isinstance(v, (bool, float)) or (isinstance(v, int) and abs(v) < 1 << 64)
-                  or (isinstance(v, str) and bool(_SYMBOL.fullmatch(v))))
-        if not ok:
-            break
-    if not ok:
+        return False
+    return tree is not None and all(isinstance(n, nodes) and not isinstance(n, ast.Pow) and node_ok(n)
+                                    for n in ast.walk(tree))
+
+
+def _expr_node_ok(node: ast.AST) -> bool:
+    if isinstance(node, ast.Call):
+        return isinstance(node.func, ast.Name) and all(k.arg for k in node.keywords)
+    if isinstance(node, ast.Name):
+        return node.id in _SYMPY_NAMES or bool(_SYMBOL.fullmatch(node.id))
+    if isinstance(node, ast.Constant):
+        return _small_int(node.value) or (isinstance(node.value, str) and bool(_SYMBOL.fullmatch(node.value)))
+    return True
+
+
+def _check_expr(text: Any) -> None:
+    """A sympy expression as torch.export prints it (`Symbol('s0', positive=True, integer=True)`,
+    `Add(...)`): calls of sympy constructors by name on numbers and symbol names, nothing else."""
+    if not _only(text, _EXPR_NODES, _expr_node_ok):
         raise SaveLoadError(f"program.pt2 inside it has a symbolic size {str(text)[:80]!r} that is not a sympy "
                             "expression (torch would eval it)")
 
@@ -199,30 +206,22 @@ _GUARD_NODES = (ast.Expression, ast.Compare, ast.BoolOp, ast.BinOp, ast.UnaryOp,
                 ast.Call, ast.Name, ast.Load, ast.Constant, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)
 
 
+def _guard_node_ok(node: ast.AST) -> bool:
+    if isinstance(node, ast.Name):
+        return node.id == "L"
+    if isinstance(node, ast.Attribute):
+        return node.attr in ("size", "stride", "storage_offset", "dim")
+    if isinstance(node, ast.Call):
+        return isinstance(node.func, ast.Attribute) and not node.keywords
+    if isinstance(node, ast.Constant):
+        return _small_int(node.value) or (isinstance(node.value, str) and bool(_IDENT.fullmatch(node.value)))
+    return True
+
+
 def _check_guard(text: Any) -> None:
     """guards_code is Python that ExportedProgram.module() execs: only comparisons of input sizes as
     torch.export writes them (`L['input_ids'].size()[1] <= 64`) are let through."""
-    try:
-        tree = ast.parse(text, mode="eval") if isinstance(text, str) and len(text) < 10_000 else None
-    except SyntaxError:
-        tree = None
-    ok = tree is not None
-    for node in ast.walk(tree) if ok else ():
-        if not isinstance(node, _GUARD_NODES) or isinstance(node, ast.Pow):
-            ok = False
-        elif isinstance(node, ast.Name):
-            ok = node.id == "L"
-        elif isinstance(node, ast.Attribute):
-            ok = node.attr in ("size", "stride", "storage_offset", "dim")
-        elif isinstance(node, ast.Call):
-            ok = isinstance(node.func, ast.Attribute) and not node.keywords
-        elif isinstance(node, ast.Constant):
-            v = node.value
-            ok = isinstance(v, (bool, float)) or (isinstance(v, int) and abs(v) < 1 << 64) or (
-                isinstance(v, str) and bool(_IDENT.fullmatch(v)))
-        if not ok:
-            break
-    if not ok:
+    if not _only(text, _GUARD_NODES, _guard_node_ok):
         raise SaveLoadError(f"program.pt2 inside it has a guard {str(text)[:80]!r} that is not a size check "
                             "(torch would exec it)")
 
