@@ -4,6 +4,8 @@ A `.adaptc` file is a zip: `manifest.json` (format version, report, plan, how to
 `program.pt2` (a torch.export program: graph as data) or `weights.pt` (tensors only, read with
 `weights_only=True`) plus a Hugging Face config from which the architecture is rebuilt. The model
 class is looked up by name in `transformers` and must be a PreTrainedModel: nothing else is loaded.
+Pass configs in the manifest come back only as adaptc's own config classes (adaptc.passes.load_config),
+and each pass re-applies its saved site plans through its `rebuild`.
 """
 from __future__ import annotations
 
@@ -40,6 +42,13 @@ def save(module: nn.Module, path: str | os.PathLike) -> None:
         torch.export.save(program, buf)
         files["program.pt2"] = buf.getvalue()
     elif _is_hf_model(module):
+        from ..passes import registry
+
+        unsaveable = [name for name in state.plan if name in registry() and not registry()[name].saveable]
+        if unsaveable:
+            raise SaveLoadError(f"cannot save {type(module).__name__}: pass {unsaveable[0]!r} rewrote it at block "
+                                "granularity and cannot be re-applied from data on load (compile without it, "
+                                "or with a whole-graph capture)")
         manifest["kind"] = "hf_blocks"
         manifest["model_class"] = type(module).__name__
         manifest["hf_config"] = module.config.to_dict()
@@ -68,8 +77,10 @@ def save(module: nn.Module, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
     from .. import kernels  # noqa: F401  (the adaptc:: ops a saved graph calls)
-    from ..tuner import session  # noqa: F401  (tuned configs come from the cache)
+    from ..config import CompileConfig
+    from ..tuner.session import install_cache_source
 
+    install_cache_source()  # the loaded module's kernels read their tuned configs from the cache
     try:
         with zipfile.ZipFile(path) as zf:
             manifest = json.loads(zf.read("manifest.json"))
@@ -79,6 +90,10 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
                 raise SaveLoadError(f"{path}: format version {manifest.get('format_version')} "
                                     f"(this adaptc reads {FORMAT_VERSION})")
             state = CompiledState(manifest["report"], manifest["plan"], manifest["config"])
+            try:  # pass configs are data from the file: only adaptc's own config classes are built from it
+                config = CompileConfig.from_dict(manifest["config"])
+            except (ValueError, TypeError) as exc:
+                raise SaveLoadError(f"{path}: its compile config cannot be read: {exc}") from None
             kind = manifest.get("kind")
             if kind == "exported_program":
                 program = _read_member(path, zf, "program.pt2", torch.export.load, "a torch.export.save archive")
@@ -87,7 +102,7 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
             elif kind == "hf_blocks":
                 read = functools.partial(torch.load, map_location=map_location, weights_only=True)
                 weights = _read_member(path, zf, "weights.pt", read, "tensors written by torch.save")
-                module = _rebuild_hf(manifest, weights)
+                module = _rebuild_hf(manifest, weights, config.pass_configs)
             else:
                 raise SaveLoadError(f"{path}: unknown kind {kind!r}")
     except SaveLoadError:
@@ -125,9 +140,10 @@ def _is_hf_model(module: nn.Module) -> bool:
     return isinstance(module, PreTrainedModel)
 
 
-def _rebuild_hf(manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> nn.Module:
+def _rebuild_hf(manifest: dict[str, Any], weights: dict[str, torch.Tensor], configs: dict[str, Any]) -> nn.Module:
     import transformers
 
+    from ..errors import AdaptcError
     from ..passes import registry
     from ..passes._base import ModuleEdit
 
@@ -139,12 +155,16 @@ def _rebuild_hf(manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> n
     model = cls(config).eval()
     edit = ModuleEdit(model)
     for pass_name, sites in manifest["plan"].items():
-        rebuild = getattr(registry()[pass_name], "rebuild", None)
-        if rebuild is None:
+        cls = registry().get(pass_name)
+        if cls is None or not cls.saveable:
             raise SaveLoadError(f"pass {pass_name!r} cannot be re-applied on load")
+        try:
+            p = cls(configs.get(pass_name))
+        except AdaptcError as exc:
+            raise SaveLoadError(f"the config saved for {pass_name!r} does not fit it: {exc}") from None
         for path, site_plan in sites.items():
             try:  # the plan is data from the file: a bad one is a load error, not a traceback from a pass
-                edit.replace(path, rebuild(edit.root.get_submodule(path), site_plan, edit.root))
+                edit.replace(path, p.rebuild(edit.root.get_submodule(path), p.plan_class.from_dict(site_plan), edit.root))
             except SaveLoadError as exc:
                 raise SaveLoadError(f"cannot re-apply {pass_name!r} at {path!r}: {exc}") from None
             except (AttributeError, KeyError, TypeError, ValueError) as exc:
