@@ -249,23 +249,23 @@ class EarlyExit(Pass):
         delta = float(self.config.delta)
         s: LayerStack = site.info["stack"]
         batches = self._batches(ctx)
-        teacher = find_layer_stack(ctx.original).layers  # hooks go where the teacher runs
+        teacher_layers = find_layer_stack(ctx.original).layers  # hooks go where the teacher runs
         details = {"kind": s.kind, "quality": quality, "delta": delta, "num_layers": len(s.layers),
                    "calibration_batches": len(batches)}
         if s.kind == "causal_lm":
             if kv_projection_for(s.layers) is None:
                 why = f"{no_kv_projection_reason(s.layers)}: exited tokens would leave holes in the cache"
                 return Decline(why, details)
-            found = self._plan_lm(ctx, s, teacher, batches, quality, delta, details)
+            found = self._plan_lm(ctx, s, teacher_layers, batches, quality, delta, details)
         else:
-            found = self._plan_encoder(ctx, s, teacher, batches, quality, delta, details)
+            found = self._plan_encoder(ctx, s, teacher_layers, batches, quality, delta, details)
         if isinstance(found, str):
             details["declined"] = found
             return Decline(found, details)
         found.details = details
         return found
 
-    def _plan_encoder(self, ctx, s: LayerStack, teacher: nn.ModuleList, batches, quality, delta,
+    def _plan_encoder(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches, quality, delta,
                       details: dict[str, Any]) -> EarlyExitPlan | str:
         from ..calibrate.distill import cosine_to_teacher, distill_heads, kl_to_teacher, least_squares_init
 
@@ -274,7 +274,7 @@ class EarlyExit(Pass):
             return "one block: there is nowhere to exit early"
         readouts, teacher = [], []
         for b in batches:
-            out, states = layer_states(ctx.original, teacher, b)
+            out, states = layer_states(ctx.original, teacher_layers, b)
             valid = _valid(b)
             readouts.append(torch.stack([encoder_readout(s.kind, h, valid) for h in states]))  # [L+1, B, H]
             teacher.append(out.logits if s.kind == "classifier" else masked_mean(out.last_hidden_state, valid))
@@ -314,7 +314,7 @@ class EarlyExit(Pass):
         return chosen if isinstance(chosen, str) else EarlyExitPlan(chosen, hidden, heads)
 
     @torch.no_grad()
-    def _lm_states(self, ctx, teacher: nn.ModuleList, batches, candidates: list[int],
+    def _lm_states(self, ctx, teacher_layers: nn.ModuleList, batches, candidates: list[int],
                    fit_fraction: float) -> tuple[dict, dict]:
         """Real tokens' states from the block entering the first candidate exit to the last block
         ([len(candidates) + 2, n, D]) and the full model's next tokens, split by passage into a part
@@ -329,7 +329,7 @@ class EarlyExit(Pass):
         parts = {True: {"states": [], "want": []}, False: {"states": [], "want": []}}
         start = 0
         for b in batches:
-            out, states = layer_states(ctx.original, teacher, b)
+            out, states = layer_states(ctx.original, teacher_layers, b)
             valid = _valid(b)
             stack = torch.stack(states[candidates[0]:])  # [len(candidates) + 2, B, S, D]
             for r in range(valid.shape[0]):
@@ -352,7 +352,7 @@ class EarlyExit(Pass):
         ref = fitted.adapters[0].adapter.weight
         return heads.to(ref.device, ref.dtype)
 
-    def _plan_lm(self, ctx, s: LayerStack, teacher: nn.ModuleList, batches, quality, delta,
+    def _plan_lm(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches, quality, delta,
                  details: dict[str, Any]) -> EarlyExitPlan | str:
         from ..calibrate.distill import fit_agreement_predictor, least_squares_init
 
@@ -364,7 +364,7 @@ class EarlyExit(Pass):
             return "too few blocks to place an exit"
         # Passages, not tokens, are split between fitting (adapters, predictors) and calibrating the
         # thresholds: tokens of one passage are alike, and the guarantee needs unseen data.
-        fit, cal = self._lm_states(ctx, teacher, batches, candidates, float(self.config.distill_fraction))
+        fit, cal = self._lm_states(ctx, teacher_layers, batches, candidates, float(self.config.distill_fraction))
         D = fit["states"].shape[-1]
         ref = s.lm_head.weight
         heads = LMExitHeads(D, len(candidates), predictors=True).to(ref.device, ref.dtype)
