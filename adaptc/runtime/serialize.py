@@ -77,7 +77,6 @@ def save(module: nn.Module, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
     from .. import kernels  # noqa: F401  (the adaptc:: ops a saved graph calls)
-    from ..config import CompileConfig
     from ..tuner.session import install_cache_source
 
     install_cache_source()  # the loaded module's kernels read their tuned configs from the cache
@@ -90,10 +89,7 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
                 raise SaveLoadError(f"{path}: format version {manifest.get('format_version')} "
                                     f"(this adaptc reads {FORMAT_VERSION})")
             state = CompiledState(manifest["report"], manifest["plan"], manifest["config"])
-            try:  # pass configs are data from the file: only adaptc's own config classes are built from it
-                config = CompileConfig.from_dict(manifest["config"])
-            except (ValueError, TypeError) as exc:
-                raise SaveLoadError(f"{path}: its compile config cannot be read: {exc}") from None
+            configs = _pass_configs(path, manifest["config"])
             kind = manifest.get("kind")
             if kind == "exported_program":
                 program = _read_member(path, zf, "program.pt2", torch.export.load, "a torch.export.save archive")
@@ -102,7 +98,7 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
             elif kind == "hf_blocks":
                 read = functools.partial(torch.load, map_location=map_location, weights_only=True)
                 weights = _read_member(path, zf, "weights.pt", read, "tensors written by torch.save")
-                module = _rebuild_hf(manifest, weights, config.pass_configs)
+                module = _rebuild_hf(manifest, weights, configs)
             else:
                 raise SaveLoadError(f"{path}: unknown kind {kind!r}")
     except SaveLoadError:
@@ -114,6 +110,20 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, RuntimeError, ValueError) as exc:
         raise SaveLoadError(f"{path}: not a readable adaptc file ({type(exc).__name__}: {exc})") from None
     return attach(module, state)
+
+
+def _pass_configs(path: str | os.PathLike, config: Any) -> dict[str, Any]:
+    """The saved pass configs by pass name, built only as adaptc's own config classes: data from the
+    file never names a class to construct."""
+    from ..passes import load_config
+
+    saved = config.get("pass_configs", {}) if isinstance(config, dict) else None
+    if not isinstance(saved, dict):
+        raise SaveLoadError(f"{path}: its compile config is not a JSON object with pass_configs")
+    try:
+        return {name: load_config(data) for name, data in saved.items()}
+    except ValueError as exc:
+        raise SaveLoadError(f"{path}: a pass config in it cannot be read: {exc}") from None
 
 
 def _read_member(path: str | os.PathLike, zf: zipfile.ZipFile, name: str, read: Any, what: str) -> Any:
