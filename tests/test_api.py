@@ -150,6 +150,18 @@ def test_every_pass_has_a_typed_config_that_validates_and_round_trips():
             passes.load_config(data)
 
 
+def test_every_config_field_a_pass_reads_exists():
+    import inspect
+    import re
+
+    from adaptc import passes
+
+    for cls in passes.registry().values():
+        source = inspect.getsource(inspect.getmodule(cls))
+        read = set(re.findall(r"self\.config\.(\w+)", source))
+        assert read <= set(cls.config_class.field_names()), (cls.name, read - set(cls.config_class.field_names()))
+
+
 def test_passes_carry_no_state_between_phases():
     from adaptc.passes import EarlyExit
 
@@ -210,8 +222,16 @@ def test_module_edit_rolls_back_in_reverse():
 
 
 def test_compile_config_round_trips():
+    from adaptc.passes import EarlyExitConfig
+
     cfg = CompileConfig(passes=["moe_fusion"], quality=0.99, capture="graph", progress=True)
     assert CompileConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    cfg = CompileConfig(passes=["early_exit"], pass_configs={"early_exit": EarlyExitConfig(delta=0.05)})
+    assert CompileConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown pass config type"):
+        CompileConfig.from_dict({**cfg.to_dict(), "pass_configs": {"early_exit": {"type": "Evil", "version": 1}}})
+    with pytest.raises(ValueError, match="not a pass config"):
+        CompileConfig(pass_configs={"early_exit": {"delta": 0.05}})
     with pytest.raises(ValueError):
         CompileConfig(quality=1.5)
     with pytest.raises(ValueError, match="progress must be"):
