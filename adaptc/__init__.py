@@ -13,6 +13,14 @@ from .errors import AdaptcError, CaptureError, SaveLoadError, VerificationError
 __all__ = ["compile", "report", "save", "load", "export_onnx", "AdaptcError", "CaptureError", "SaveLoadError", "VerificationError"]
 
 
+def __getattr__(name):
+    if name == "passes":  # adaptc.passes.EarlyExit(delta=0.05) without importing the subpackage first
+        import importlib
+
+        return importlib.import_module(".passes", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def compile(model, example_inputs=None, passes=None, calibration=None, quality=None, device=None, **options):
     """Compile `model` into a faster drop-in module; see `adaptc.api.compile` for every argument."""
     from .api import compile as _compile

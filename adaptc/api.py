@@ -26,7 +26,7 @@ from .runtime.module import STATE_ATTR, CompiledModule, CompiledState, attach, s
 def compile(
     model: nn.Module,
     example_inputs: Any = None,
-    passes: None | str | list[str] = None,
+    passes: Any = None,
     calibration: Iterable[Any] | None = None,
     quality: float | None = None,
     device: str | torch.device | None = None,
@@ -42,8 +42,11 @@ def compile(
 
     example_inputs: a tuple of positional arguments (or a dict of keyword arguments) the model is
         called with; every rewrite is verified on them and on fresh random inputs of other sizes.
-    passes: None or "exact" for every exact pass that applies, or a list of pass names.
+    passes: None or "exact" for every exact pass that applies, or a list of pass names and passes with
+        their configs: `passes=[adaptc.passes.EarlyExit(delta=0.05)]`.
     capture: "auto" (default), "graph", "export", "fx" or "blocks" (see CompileConfig).
+    Other keyword options are CompileConfig's fields, or fields of the selected passes' configs
+        (`delta=0.05` with `passes=["early_exit"]`); any other name is an error naming the nearest.
     The user's model is never modified: the result shares its parameters.
     """
     if not isinstance(model, nn.Module):
@@ -55,7 +58,11 @@ def compile(
     if example_inputs is None and not example_kwargs:
         raise AdaptcError("compile needs example_inputs: every rewrite is verified on them")
     start = time.perf_counter()
-    config = CompileConfig(passes=passes, quality=quality, device=str(device) if device else None, **_config_options(options))
+    fields = _config_options(options)
+    selected = pass_registry.select(passes, fields.pop("pass_options"))
+    names = None if passes is None or passes in ("exact", "all_exact") else [p.name for p in selected]
+    config = CompileConfig(passes=names, quality=quality, device=str(device) if device else None,
+                           pass_configs={p.name: p.config for p in selected}, **fields)
     if device is not None:
         model.to(device)
     example = Inputs.of(example_inputs, example_kwargs)
@@ -69,7 +76,6 @@ def compile(
             config=config,
             calibration=[b if isinstance(b, str) else Inputs.of(b) for b in calibration] if calibration is not None else None,
         )
-        selected = pass_registry.select(config.passes)
         needy = [p.name for p in selected if p.needs_calibration]
         if needy and ctx.calibration is None:
             raise AdaptcError(f"pass(es) {needy} are approximate: they need calibration= batches (the same form as "
@@ -100,8 +106,8 @@ def compile(
         "speed_check": speed,
         "compile_seconds": round(time.perf_counter() - start, 3),
     }
-    plan = {r.name: {path: p.site_plan(ctx.working.get_submodule(path)) for path in r.sites}
-            for r, p in zip(results, selected) if r.status == "applied"}
+    plan = {r.name: {path: site_plan.to_dict() for path, site_plan in r.plans.items()}
+            for r in results if r.status == "applied"}
     return attach(emitted, CompiledState(report, plan, config.to_dict()))
 
 
@@ -111,19 +117,21 @@ def report(module: nn.Module) -> dict[str, Any]:
 
 
 def _config_options(options: dict[str, Any]) -> dict[str, Any]:
-    """compile's keyword options: CompileConfig's fields by name, the rest for the passes that declare
-    them (Pass.options; any pass's, selected or not). Any other name is a typo: an error naming the
-    nearest valid name, never a setting silently ignored."""
-    fields = [f.name for f in dataclasses.fields(CompileConfig) if f.name not in ("passes", "quality", "device", "options")]
-    declared = {name for cls in pass_registry.registry().values() for name in cls.options}
+    """compile's keyword options: CompileConfig's fields by name, the rest under "pass_options" for
+    the passes' configs (adaptc.passes.select routes them). A name neither has is a typo: an error
+    naming the nearest valid name, never a setting silently ignored."""
+    fields = [f.name for f in dataclasses.fields(CompileConfig) if f.name not in ("passes", "quality", "device", "pass_configs")]
+    declared = {name for cls in pass_registry.registry().values() for name in cls.config_class.field_names()}
     unknown = [k for k in options if k not in fields and k not in declared]
     if unknown:
         valid = sorted({*fields, *declared, "passes", "calibration", "quality", "device", "example_kwargs"})
         near = difflib.get_close_matches(unknown[0], valid, n=1)
-        hint = f": did you mean {near[0]!r}?" if near else f"; the options are: {', '.join(valid)}"
+        readers = pass_registry.option_readers(near[0]) if near and near[0] not in fields else []
+        owner = f" ({', '.join(readers)} option)" if readers else ""
+        hint = f": did you mean {near[0]!r}{owner}?" if near else f"; the options are: {', '.join(valid)}"
         raise AdaptcError(f"unknown compile option {unknown[0]!r}{hint}")
     known = {k: options.pop(k) for k in fields if k in options}
-    return {**known, "options": options}
+    return {**known, "pass_options": options}
 
 
 def _structural_copy(model: nn.Module) -> nn.Module:
@@ -134,8 +142,9 @@ def _structural_copy(model: nn.Module) -> nn.Module:
 
 def _tune(ctx: CompileContext) -> dict[str, Any]:
     """Tune every kernel problem the rewritten model calls on the example inputs (cache first)."""
-    from .tuner.session import Budget, tune_calls  # also makes the tuning cache the kernels' config source
+    from .tuner.session import Budget, install_cache_source, tune_calls
 
+    install_cache_source()  # the compiled module's kernels read their tuned configs from the cache
     c = ctx.config
     budget = Budget(trials=c.tune_trials, seconds=c.tune_seconds)
     return tune_calls(lambda: ctx.working(*ctx.inputs.args, **ctx.inputs.kwargs), budget, seed=c.seed, progress=c.progress)

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2: typed pass configs (pass_configs) instead of untyped options
 CAPTURE_MODES = ("auto", "graph", "export", "fx", "blocks")
 
 
@@ -34,8 +33,8 @@ class CompileConfig:
     # Progress bars for the long steps (distillation, tuning): None shows them when stderr is a
     # terminal, else one summary line a step; True always; False never, and no summary lines either.
     progress: bool | None = None
-    # Options the passes read (each pass declares its own: Pass.options); compile() refuses other names.
-    options: dict[str, Any] = field(default_factory=dict)
+    # The selected passes' typed configs by pass name (adaptc.passes: EarlyExitConfig, ...).
+    pass_configs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.passes, str):
@@ -50,25 +49,34 @@ class CompileConfig:
             raise ValueError(f"progress must be None (bars on a terminal), True or False, got {self.progress!r}")
         if self.tune_trials < 1 or self.tune_seconds <= 0:
             raise ValueError("tune_trials must be >= 1 and tune_seconds > 0 (tune=False turns tuning off)")
+        from .passes._config import PassConfig
+
+        bad = [k for k, v in self.pass_configs.items() if not isinstance(v, PassConfig)]
+        if bad:
+            raise ValueError(f"pass_configs[{bad[0]!r}] is not a pass config (adaptc.passes.*Config)")
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: options that are objects (a tokenizer, say) appear by their type name."""
-        d = dataclasses.asdict(self)
-        d["options"] = {k: v if _is_json(v) else f"<{type(v).__name__}>" for k, v in self.options.items()}
+        """JSON-ready: each pass config with its type and version; live objects in it (a tokenizer)
+        appear by their type name."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "pass_configs"}
+        d["passes"] = list(self.passes) if self.passes is not None else None
+        d["pass_configs"] = {name: c.to_dict() for name, c in self.pass_configs.items()}
         return {"type": "CompileConfig", "version": CONFIG_VERSION, **d}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompileConfig":
+        """The inverse of to_dict; pass configs come back only as adaptc's own config classes (ValueError
+        for any other type). Version 1 (untyped `options`) reads with default pass configs."""
+        from .passes import load_config
+
         data = dict(data)
-        if data.pop("type", "CompileConfig") != "CompileConfig" or data.pop("version", None) != CONFIG_VERSION:
+        version = data.pop("version", None)
+        if data.pop("type", "CompileConfig") != "CompileConfig" or version not in (1, CONFIG_VERSION):
             raise ValueError("not a CompileConfig of this version")
+        data.pop("options", None)  # version 1: what compile was told, recorded untyped; not needed to rebuild
+        configs = data.pop("pass_configs", {}) or {}
+        if not isinstance(configs, dict):
+            raise ValueError("pass_configs is not a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def _is_json(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   pass_configs={name: load_config(c) for name, c in configs.items()})

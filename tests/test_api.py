@@ -1,5 +1,6 @@
 """The contract around compile(): errors, capture, rollback, report, lean import."""
 import json
+import os
 import subprocess
 import sys
 
@@ -84,21 +85,72 @@ def test_bad_arguments_are_clear():
 
 def test_a_misspelled_option_is_an_error_naming_the_nearest_valid_name():
     x = (torch.randn(1, 2),)
-    for typo, meant in (("tnue", "tune"), ("tune_trails", "tune_trials"), ("calibraton", "calibration"),
-                        ("max_lenght", "max_length"), ("distil_steps", "distill_steps"), ("progres", "progress")):
+    for typo, meant in (("tnue", "'tune'"), ("tune_trails", "'tune_trials'"), ("calibraton", "'calibration'"),
+                        ("max_lenght", "'max_length' (early_exit option)"),
+                        ("distil_steps", "'distill_steps' (early_exit option)"), ("progres", "'progress'")):
         with pytest.raises(adaptc.AdaptcError) as err:
             adaptc.compile(nn.Linear(2, 2), example_inputs=x, **{typo: False})
-        assert str(err.value) == f"unknown compile option {typo!r}: did you mean {meant!r}?"
+        assert str(err.value) == f"unknown compile option {typo!r}: did you mean {meant}?"
     with pytest.raises(adaptc.AdaptcError, match="unknown compile option 'zzzz'; the options are: .*tune_trials"):
         adaptc.compile(nn.Linear(2, 2), example_inputs=x, zzzz=1)
-    # Every option some pass declares is valid, selected or not: early_exit's tokenizer with the exact passes.
-    fast = adaptc.compile(nn.Linear(2, 2), example_inputs=x, tune=False, tokenizer=None, max_length=8, progress=False)
-    assert adaptc.report(fast)["config"]["options"] == {"tokenizer": None, "max_length": 8}
+    fast = adaptc.compile(nn.Linear(2, 2), example_inputs=x, tune=False, progress=False)
     assert adaptc.report(fast)["config"]["progress"] is False
 
 
-def test_every_option_a_pass_reads_is_declared():
-    """A pass reads its options through Pass.option, which knows only the declared ones."""
+def test_an_option_only_an_unselected_pass_reads_is_an_error_naming_that_pass():
+    x = (torch.randn(1, 2),)
+    with pytest.raises(adaptc.AdaptcError) as err:
+        adaptc.compile(nn.Linear(2, 2), example_inputs=x, tune=False, delta=0.05)  # the exact passes
+    assert str(err.value).startswith("option 'delta' is read by early_exit, which is not among passes=['moe_fusion'")
+    with pytest.raises(adaptc.AdaptcError, match="option 'tokenizer' is read by early_exit, which is not among "
+                                                 r"passes=\['sdpa_fusion'\]"):
+        adaptc.compile(nn.Linear(2, 2), example_inputs=x, passes=["sdpa_fusion"], tokenizer=None)
+
+
+def test_a_misspelled_pass_option_names_the_pass_and_the_nearest_field():
+    from adaptc.passes import EarlyExit, EarlyExitConfig
+
+    with pytest.raises(adaptc.AdaptcError) as err:
+        EarlyExit(dleta=0.05)
+    assert str(err.value) == "early_exit has no option 'dleta': did you mean 'delta'?"
+    with pytest.raises(adaptc.AdaptcError, match="early_exit has no option 'zzz'; its options are: tokenizer, "):
+        EarlyExitConfig.of(zzz=1)
+    with pytest.raises(adaptc.AdaptcError) as err:
+        adaptc.compile(nn.Linear(2, 2), example_inputs=(torch.randn(1, 2),), passes=["early_exit"], dleta=0.05)
+    assert str(err.value) == "unknown compile option 'dleta': did you mean 'delta' (early_exit option)?"
+    with pytest.raises(adaptc.AdaptcError, match="set twice"):
+        adaptc.compile(nn.Linear(2, 2), example_inputs=(torch.randn(1, 2),), passes=[EarlyExit(delta=0.05)],
+                       delta=0.2, calibration=[torch.ones(1, 2, dtype=torch.long)])
+
+
+def test_every_pass_has_a_typed_config_that_validates_and_round_trips():
+    from adaptc import passes
+    from adaptc.passes import EarlyExitConfig, PassConfig
+
+    for name, cls in passes.registry().items():
+        cfg_cls = cls.config_class
+        assert cfg_cls is not PassConfig and cfg_cls.__name__ == type(cls()).__name__ + "Config", name
+        assert cfg_cls.pass_name == name
+        cfg = cfg_cls()
+        assert passes.load_config(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for bad in ({"delta": 0.0}, {"delta": 1.0}, {"delta": "0.1"}, {"calibration_batch": 0}, {"max_length": -5},
+                {"distill_steps": -1}, {"distill_lr": 0}, {"adapter_ridge": -1e-3}, {"first_exit": -1},
+                {"distill_fraction": 1.5}, {"calibration_batch": True}):
+        with pytest.raises(adaptc.AdaptcError, match=f"early_exit option {next(iter(bad))}="):
+            EarlyExitConfig(**bad)
+    cfg = EarlyExitConfig(delta=0.05, first_exit=3, tokenizer=object())
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["type"] == "EarlyExitConfig" and data["version"] == 1 and data["tokenizer"] == "<object>"
+    back = passes.load_config(data)
+    assert back.delta == 0.05 and back.first_exit == 3 and back.tokenizer is None  # a live object is not data
+    for data, why in (({**data, "type": "os.system"}, "unknown pass config type 'os.system'"),
+                      ({**data, "version": 99}, "version 99"), ({**data, "dleta": 1}, "no field"),
+                      ({**data, "delta": 7}, "delta=7")):
+        with pytest.raises(ValueError, match=why):
+            passes.load_config(data)
+
+
+def test_every_config_field_a_pass_reads_exists():
     import inspect
     import re
 
@@ -106,20 +158,43 @@ def test_every_option_a_pass_reads_is_declared():
 
     for cls in passes.registry().values():
         source = inspect.getsource(inspect.getmodule(cls))
-        assert "options.get(" not in source, cls.name  # undeclared reads would let typos through again
-        read = set(re.findall(r"option\(ctx, \"(\w+)\"\)", source))
-        assert read <= set(cls.options), (cls.name, read - set(cls.options))
+        read = set(re.findall(r"self\.config\.(\w+)", source))
+        assert read <= set(cls.config_class.field_names()), (cls.name, read - set(cls.config_class.field_names()))
+
+
+def test_passes_carry_no_state_between_phases():
+    from adaptc.passes import EarlyExit
+
+    p = EarlyExit(delta=0.05)
+    with pytest.raises(AttributeError, match="no state between phases"):
+        p.details = {}
+    assert vars(p) == {"config": p.config} and repr(p) == "EarlyExit(delta=0.05)"
+
+    with pytest.raises(TypeError, match="defines no rebuild"):
+        class Unsaveable(Pass):  # noqa: F841  (a saveable pass must say how load re-applies it)
+            name = "unsaveable"
+
+
+def test_importing_the_tuner_session_installs_no_config_source_and_compile_does():
+    code = ("import torch, adaptc, adaptc.tuner.session as s; from adaptc.kernels import _registry as r; "
+            "before = r.config_source(); "
+            "adaptc.compile(torch.nn.Linear(2, 2), example_inputs=(torch.randn(1, 2),), speed_check=False); "
+            "print(before is None, r.config_source() is s._from_cache)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.stdout.split() == ["True", "True"]
 
 
 class BreakLinear(Pass):
     """A wrong rewrite: the manager must catch it and roll it back."""
 
     name = "break_linear"
+    saveable = False
 
     def match(self, ctx):
         return [Site(n, m) for n, m in ctx.working.named_modules() if isinstance(m, nn.Linear)]
 
-    def apply(self, ctx, site, edit):
+    def apply(self, ctx, site, plan, edit):
         wrong = nn.Linear(site.module.in_features, site.module.out_features)
         edit.replace(site.path, wrong)
 
@@ -147,8 +222,16 @@ def test_module_edit_rolls_back_in_reverse():
 
 
 def test_compile_config_round_trips():
+    from adaptc.passes import EarlyExitConfig
+
     cfg = CompileConfig(passes=["moe_fusion"], quality=0.99, capture="graph", progress=True)
     assert CompileConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    cfg = CompileConfig(passes=["early_exit"], pass_configs={"early_exit": EarlyExitConfig(delta=0.05)})
+    assert CompileConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown pass config type"):
+        CompileConfig.from_dict({**cfg.to_dict(), "pass_configs": {"early_exit": {"type": "Evil", "version": 1}}})
+    with pytest.raises(ValueError, match="not a pass config"):
+        CompileConfig(pass_configs={"early_exit": {"delta": 0.05}})
     with pytest.raises(ValueError):
         CompileConfig(quality=1.5)
     with pytest.raises(ValueError, match="progress must be"):
@@ -177,7 +260,7 @@ def test_graph_calls_outside_its_shape_ranges_run_eager():
     assert fast.accepts((torch.randn(4, 4, 6),), {})
 
 
-def test_bert_with_token_type_ids_and_object_options_compiles_with_a_json_report():
+def test_bert_with_token_type_ids_compiles_with_a_json_report():
     import json
 
     tf = pytest.importorskip("transformers")
@@ -185,10 +268,10 @@ def test_bert_with_token_type_ids_and_object_options_compiles_with_a_json_report
     model = tf.AutoModel.from_config(cfg).eval()
     ids = torch.randint(0, 128, (2, 10))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    fast = adaptc.compile(model, example_inputs=example, tune=False, tokenizer=object())  # early_exit's, unselected
+    fast = adaptc.compile(model, example_inputs=example, tune=False)
     report = json.loads(json.dumps(adaptc.report(fast)))  # random check inputs keep token types in range
     assert {p["name"]: p["status"] for p in report["passes"]}["attention_fusion"] == "applied"
-    assert report["config"]["options"]["tokenizer"] == "<object>"
+    assert report["config"]["pass_configs"]["attention_fusion"] == {"type": "AttentionFusionConfig", "version": 1}
 
 
 def test_compiling_a_compiled_module_or_a_function_says_so_up_front():

@@ -39,11 +39,12 @@ class SlowLinear(nn.Module):
 
 class SlowAtOneRow(Pass):
     name = "slow_at_one_row"
+    saveable = False
 
     def match(self, ctx):
         return [Site(n, m) for n, m in ctx.working.named_modules() if isinstance(m, nn.Linear)][:1]
 
-    def apply(self, ctx, site, edit):
+    def apply(self, ctx, site, plan, edit):
         edit.replace(site.path, SlowLinear(site.module))
 
 

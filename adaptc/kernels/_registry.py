@@ -198,8 +198,9 @@ def kernel_preference(pref: KernelPreference | str):
         _preference.reset(token)
 
 
-# Tuned configs by (kernel, implementation, device type, problem). The tuner fills this and installs
-# a source (the tuning cache) consulted once per new problem; kernels fall back to their default.
+# Tuned configs by (kernel, implementation, device type, problem). The tuner fills this; compile and
+# load install a source (the tuning cache, adaptc.tuner.session.install_cache_source) consulted once
+# per new problem; kernels fall back to their default.
 _CONFIGS: dict[tuple, dict[str, Any] | None] = {}
 _config_source: list[Callable[[str, str, dict[str, Any], str], dict[str, Any] | None]] = []
 
@@ -226,6 +227,11 @@ def set_config_source(source: Callable[[str, str, dict[str, Any], str], dict[str
     """Where config_for looks for configs it has not seen (None: nowhere). Forgets what it memoised."""
     _config_source[:] = [source] if source is not None else []
     _CONFIGS.clear()
+
+
+def config_source() -> Callable[[str, str, dict[str, Any], str], dict[str, Any] | None] | None:
+    """The installed config source, or None."""
+    return _config_source[0] if _config_source else None
 
 
 # Kernel calls seen while tracing, by (kernel, implementation, problem): what compile tunes.

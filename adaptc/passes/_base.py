@@ -1,5 +1,20 @@
-"""Passes and the manager that runs them: match (pure) -> check (a verdict with a reason) -> apply ->
-verify against the original; a pass that fails verification is rolled back and the report says why."""
+"""Passes and the manager that runs them: match (pure) -> check (a plan, or a decline with its reason) ->
+apply -> verify against the original; a pass that fails verification is rolled back and the report says why.
+
+The interface, phase by phase (`Pass` below):
+- A pass is constructed with its typed config (`EarlyExit(delta=0.05)`, see `_config.py`) and holds
+  nothing else: what one phase learns reaches the next through the plan, never through `self`
+  (setting an attribute on a pass raises). Work shared by the sites of one compile (sparse
+  attention's calibration) goes through `ctx.once(key, make)`, which lives as long as the compile.
+- `match(ctx) -> list[Site]`: every candidate site, changing nothing.
+- `check(ctx, site) -> Plan | Decline | str`: a `Plan` (an instance of the pass's `plan_class`) when the
+  site can be rewritten; a `Decline` (or just its reason, a str) when it cannot.
+- `apply(ctx, site, plan, edit)`: the rewrite, through `edit` so that it can be rolled back.
+- `verify(ctx, plans) -> Comparison-like`: after every site is applied, with {site path: plan}.
+- `rebuild(module, plan, model) -> nn.Module`: for adaptc.load, the rewrite again on a rebuilt model
+  from `plan_class.from_dict(plan.to_dict())`. Required unless the pass sets `saveable = False`.
+Each plan's and decline's `details` (what the pass measured) become the report's PassResult.details.
+"""
 from __future__ import annotations
 
 import time
@@ -10,7 +25,9 @@ import torch
 from torch import nn
 
 from ..capture.inputs import Inputs
+from ..errors import AdaptcError
 from ..verify import Comparison, compare
+from ._config import PassConfig
 
 
 @dataclass
@@ -31,6 +48,7 @@ class PassResult:
     declined: list[dict[str, str]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    plans: dict[str, "Plan"] = field(default_factory=dict, repr=False)  # applied sites' plans (for save)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -91,6 +109,14 @@ class CompileContext:
     block_inputs: dict[str, tuple[tuple, dict]] = field(default_factory=dict)  # recorded by hooks
     calibration: list["Inputs"] | None = None  # batches for approximate passes (compile's `calibration=`)
     _expected: list[Any] | None = None
+    _shared: dict[Any, Any] = field(default_factory=dict)
+
+    def once(self, key: Any, make: Callable[[], Any]) -> Any:
+        """`make()` the first time `key` is asked for in this compile, the same value after: work the
+        sites of one pass share (one calibration for every attention module), without pass state."""
+        if key not in self._shared:
+            self._shared[key] = make()
+        return self._shared[key]
 
     def expected_outputs(self) -> list[Any]:
         if self._expected is None:
@@ -132,46 +158,95 @@ class CompileContext:
         return total
 
 
+@dataclass
+class Plan:
+    """What `check` decided for one site: what `apply` installs, `verify` checks and, through
+    `to_dict` / `from_dict` (JSON in the saved file), `rebuild` re-applies on load. Passes subclass it
+    with their own fields; `details` is what the pass measured, for the report."""
+
+    details: dict[str, Any] = field(default_factory=dict, kw_only=True, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What adaptc.save records for the site, as JSON data."""
+        return {}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Plan":
+        """The plan from a saved file's data (checked: it comes from a file); ValueError if it is bad."""
+        return cls()
+
+
+@dataclass
+class Decline:
+    """`check`'s answer for a site it will not rewrite: why, and what it measured to decide."""
+
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 class Pass:
+    """One rewrite. Subclasses set `name`, `config_class` (a PassConfig dataclass) and `plan_class`,
+    and implement the phases described at the top of this module."""
+
     name: ClassVar[str]
     exact: ClassVar[bool] = True
     needs_calibration: ClassVar[bool] = False
     # Runtime control flow (exits, routers) that a whole-graph export would freeze: emit keeps blocks.
     keeps_blocks: ClassVar[bool] = False
-    # The compile options (`adaptc.compile(..., name=value)`) this pass reads, with their defaults;
-    # compile refuses a name no pass declares, so a typo is an error, not a silently ignored setting.
-    options: ClassVar[dict[str, Any]] = {}
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+    plan_class: ClassVar[type[Plan]] = Plan
+    # False: adaptc.save refuses a blocks-granularity module this pass rewrote (no rebuild from data).
+    saveable: ClassVar[bool] = True
 
-    def option(self, ctx: CompileContext, name: str) -> Any:
-        """The user's value of a declared option, else its default (KeyError for an undeclared name)."""
-        return ctx.config.options.get(name, self.options[name])
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in vars(cls):
+            cls.config_class.pass_name = cls.name
+        if "name" in vars(cls) and cls.saveable and cls.rebuild is Pass.rebuild:
+            raise TypeError(f"pass {cls.name!r} defines no rebuild(module, plan, model): adaptc.load could not "
+                            "re-apply it; define one or set saveable = False")
+
+    def __init__(self, config: PassConfig | None = None, **options: Any) -> None:
+        """`Pass(field=value, ...)` or `Pass(config)`; an unknown field is an AdaptcError naming the nearest."""
+        if config is None:
+            config = self.config_class.of(**options)
+        elif options or not isinstance(config, self.config_class):
+            raise AdaptcError(f"{self.name} takes a {self.config_class.__name__} or its fields as keywords, "
+                              f"not {type(config).__name__}" + (" and keywords" if options else ""))
+        object.__setattr__(self, "config", config)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"pass {self.name!r} cannot set {name!r}: passes carry no state between phases "
+                             "(return it in the plan, or share it through ctx.once)")
+
+    def __repr__(self) -> str:  # the fields set away from their defaults: EarlyExit(delta=0.05)
+        default = type(self.config)()
+        changed = [f"{k}={getattr(self.config, k)!r}" for k in self.config.field_names()
+                   if getattr(self.config, k) != getattr(default, k)]
+        return f"{type(self).__name__}({', '.join(changed)})"
 
     def match(self, ctx: CompileContext) -> list[Site]:
         """Every candidate site, without changing anything."""
         raise NotImplementedError
 
-    def check(self, ctx: CompileContext, site: Site) -> str | None:
-        """None when `site` can be rewritten; otherwise the reason it is declined."""
-        return None
+    def check(self, ctx: CompileContext, site: Site) -> Plan | Decline | str:
+        """A plan when `site` can be rewritten; otherwise a Decline, or the reason as a str."""
+        return self.plan_class()
 
-    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
+    def apply(self, ctx: CompileContext, site: Site, plan: Plan, edit: ModuleEdit) -> None:
         raise NotImplementedError
 
     def no_sites_reason(self) -> str:
         return "no sites found"
 
-    @staticmethod
-    def site_plan(module: nn.Module) -> dict[str, Any]:
-        """What adaptc.save records for an applied site (`module`: what is at the site path after the
-        pass), as JSON data; the pass's static `rebuild(module, site_plan, model)` re-applies it on load.
-        Default: the `plan` dict the replacement module carries."""
-        plan = getattr(module, "plan", None)
-        return dict(plan) if isinstance(plan, dict) else {}
-
-    def verify(self, ctx: CompileContext) -> Any:
+    def verify(self, ctx: CompileContext, plans: dict[str, Plan]) -> Any:
         """After apply: something with `.ok`, `.why` and `.to_dict()`. Exact passes must equal the original;
         approximate passes override this with their quality check against the user's target."""
         return ctx.verify()
+
+    def rebuild(self, module: nn.Module, plan: Plan, model: nn.Module) -> nn.Module:
+        """For adaptc.load: what goes at the site (`module`, of the rebuilt `model`) for a saved plan."""
+        raise NotImplementedError
 
 
 class PassManager:
@@ -196,7 +271,6 @@ class PassManager:
         for p in self.passes:
             start = time.perf_counter()
             result = self._run_one(ctx, p, verification)
-            result.details = {**(getattr(p, "details", None) or {}), **result.details}  # what the pass measured
             result.seconds = time.perf_counter() - start
             results.append(result)
         return results, verification
@@ -208,33 +282,47 @@ class PassManager:
             result.reason = p.no_sites_reason()
             return result
         edit = ModuleEdit(ctx.working)
+        plans: dict[str, Plan] = {}
+        declined: dict[str, Any] = {}  # what the declines measured
+
+        def measured() -> dict[str, Any]:  # read late: verify adds to the plans' details
+            return {**declined, **{k: v for plan in plans.values() for k, v in plan.details.items()}}
+
         try:
             ctx.record_calls([s.path for s in sites])
             for site in sites:
-                why = p.check(ctx, site)
-                if why:
-                    result.declined.append({"site": site.path, "reason": why})
+                verdict = p.check(ctx, site)
+                if isinstance(verdict, str):
+                    verdict = Decline(verdict)
+                if isinstance(verdict, Decline):
+                    declined.update(verdict.details)
+                    result.declined.append({"site": site.path, "reason": verdict.reason})
                     continue
-                p.apply(ctx, site, edit)
+                if not isinstance(verdict, p.plan_class):
+                    raise TypeError(f"check returned {type(verdict).__name__}, not a {p.plan_class.__name__} "
+                                    "or a Decline")
+                p.apply(ctx, site, verdict, edit)
+                plans[site.path] = verdict
                 result.sites.append(site.path)
                 ctx.working = edit.root
         except Exception as exc:  # a pass bug must not take the user's compile down: undo and say so
             edit.rollback()
             ctx.working = edit.root
             return PassResult(p.name, "rolled_back", reason=f"pass failed: {type(exc).__name__}: {exc}",
-                              declined=result.declined)
+                              declined=result.declined, details=measured())
         if not result.sites:
             reasons = {d["reason"] for d in result.declined}
             result.reason = f"every site declined: {reasons.pop()}" if len(reasons) == 1 else "every site declined"
+            result.details = measured()
             return result
         if ctx.config.verify:
-            cmp = p.verify(ctx)
+            cmp = p.verify(ctx, plans)
             verification[p.name] = cmp.to_dict()
             if not cmp.ok:
                 edit.rollback()
                 ctx.working = edit.root
                 return PassResult(p.name, "rolled_back", reason=f"verification failed: {cmp.why}",
-                                  declined=result.declined)
-        result.status = "applied"
+                                  declined=result.declined, details=measured())
+        result.status, result.plans, result.details = "applied", plans, measured()
         self.edits[p.name] = edit
         return result

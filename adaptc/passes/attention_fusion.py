@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .. import kernels  # noqa: F401  (registers adaptc::attention)
-from ._base import CompileContext, ModuleEdit, Pass, Site
+from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
+from ._config import PassConfig
 
 IMPLEMENTATION = "adaptc"
 SUPPORTED_FROM = ("sdpa", "eager")  # what the model ran with: the original we must equal
@@ -170,9 +171,21 @@ def no_sdpa_reason(model: nn.Module) -> str | None:
             "which adaptc's attention replaces")
 
 
+@dataclass(frozen=True)
+class AttentionFusionConfig(PassConfig):
+    """attention_fusion has no options: every mask structure it recognises is exact."""
+
+
+@dataclass
+class AttentionFusionPlan(Plan):
+    """Nothing per site: one switch of the model's attention implementation serves every module."""
+
+
 class AttentionFusion(Pass):
     name = "attention_fusion"
     exact = True
+    config_class = AttentionFusionConfig
+    plan_class = AttentionFusionPlan
 
     def match(self, ctx: CompileContext) -> list[Site]:
         return interface_sites(ctx.working)
@@ -180,22 +193,21 @@ class AttentionFusion(Pass):
     def no_sites_reason(self) -> str:
         return "no Hugging Face attention modules that dispatch through the attention interface"
 
-    def check(self, ctx: CompileContext, site: Site) -> str | None:
+    def check(self, ctx: CompileContext, site: Site) -> AttentionFusionPlan | Decline | str:
         if (why := no_sdpa_reason(ctx.working)) is not None:
             return why
         impl = site.info["config"]._attn_implementation
         if impl not in SUPPORTED_FROM and impl != IMPLEMENTATION:
             return f"the model runs {impl!r} attention; adaptc replaces only {' or '.join(SUPPORTED_FROM)}"
-        return None
+        return AttentionFusionPlan()
 
-    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
+    def apply(self, ctx: CompileContext, site: Site, plan: AttentionFusionPlan, edit: ModuleEdit) -> None:
         config = site.info["config"]
         if config._attn_implementation != IMPLEMENTATION:  # one switch serves every site
             register()
             edit.set_attr(config, "_attn_implementation", IMPLEMENTATION)
 
-    @staticmethod
-    def rebuild(attention: nn.Module, plan: dict[str, Any], model: nn.Module) -> nn.Module:
+    def rebuild(self, attention: nn.Module, plan: AttentionFusionPlan, model: nn.Module) -> nn.Module:
         """For adaptc.load: switch the rebuilt model (its config, which the module shares) to adaptc."""
         register()
         attention.config._attn_implementation = IMPLEMENTATION

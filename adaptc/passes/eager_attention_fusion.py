@@ -24,7 +24,8 @@ from ..capture.inputs import Inputs
 from ..capture.torch_capture import capture
 from ..errors import CaptureError
 from ..runtime.module import CompiledModule
-from ._base import CompileContext, ModuleEdit, Pass, Site
+from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
+from ._config import PassConfig
 from .sdpa_fusion import adaptc_sdpa
 
 aten = torch.ops.aten
@@ -139,9 +140,27 @@ def fuse_graph(gm: fx.GraphModule) -> tuple[int, list[str]]:
     return fused, reasons
 
 
+@dataclass(frozen=True)
+class EagerAttentionFusionConfig(PassConfig):
+    """eager_attention_fusion has no options: a chain is fused only where it matches exactly."""
+
+
+@dataclass
+class EagerAttentionFusionPlan(Plan):
+    """The site's module exported with its attention chains fused (`chains` of them)."""
+
+    module: CompiledModule
+    chains: int
+
+
 class EagerAttentionFusion(Pass):
     name = "eager_attention_fusion"
     exact = True
+    config_class = EagerAttentionFusionConfig
+    plan_class = EagerAttentionFusionPlan
+    # The rewrite is an exported graph held in memory: a whole-graph capture saves it, a block-granularity
+    # save could not rebuild it from data.
+    saveable = False
 
     def match(self, ctx: CompileContext) -> list[Site]:
         calls = innermost_callers(ctx.working, lambda: ctx.working(*ctx.inputs.args, **ctx.inputs.kwargs),
@@ -164,7 +183,7 @@ class EagerAttentionFusion(Pass):
     def no_sites_reason(self) -> str:
         return "no module below the root calls softmax between two matmuls"
 
-    def check(self, ctx: CompileContext, site: Site) -> str | None:
+    def check(self, ctx: CompileContext, site: Site) -> EagerAttentionFusionPlan | Decline | str:
         call = ctx.recorded_call(site.path)
         if call is None:
             return "not called on the example inputs"
@@ -177,9 +196,7 @@ class EagerAttentionFusion(Pass):
         if not fused:
             return reasons[0] if reasons else "no softmax in its exported graph"
         signature = CompiledModule.signature_of(inputs.args, inputs.kwargs, captured.shapes)
-        site.info["module"] = CompiledModule(captured.module, signature, eager=site.module)
-        site.info["chains"] = fused
-        return None
+        return EagerAttentionFusionPlan(CompiledModule(captured.module, signature, eager=site.module), fused)
 
-    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
-        edit.replace(site.path, site.info["module"])
+    def apply(self, ctx: CompileContext, site: Site, plan: EagerAttentionFusionPlan, edit: ModuleEdit) -> None:
+        edit.replace(site.path, plan.module)

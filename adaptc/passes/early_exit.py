@@ -13,6 +13,7 @@ the heads were not trained on. When nothing meets `quality`, the pass declines a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,10 +23,11 @@ from ..analysis.kv_projection import kv_projection_for, no_kv_projection_reason
 from ..analysis.layer_stack import LayerStack, find_layer_stack
 from ..errors import AdaptcError, SaveLoadError
 from ..runtime.early_exit import (EarlyExitEncoder, ExitAdapter, ExitPlan, LMExitHeads, cosine01, encoder_readout,
-                                  encoder_signals, install_lm_exits, lm_exits_of, lm_token_signals, masked_mean,
+                                  encoder_signals, install_lm_exits, lm_token_signals, masked_mean,
                                   predictor_features)
 from ..verify import Comparison
-from ._base import CompileContext, ModuleEdit, Pass, Site
+from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
+from ._config import PassConfig, option
 
 ENCODER_MEASURES = {"classifier": ("softmax_max", "margin", "saturation"), "embedding": ("saturation",)}
 LM_MEASURES = ("softmax_max", "margin", "saturation", "learned")
@@ -159,25 +161,80 @@ def choose_exits(trials: list[tuple[str, list[int], torch.Tensor, torch.Tensor, 
     return ExitPlan(details["kind"], exits, list(cal.thresholds), measure)
 
 
+@dataclass(frozen=True)
+class EarlyExitConfig(PassConfig):
+    """early_exit's options (compile's `quality` sets the agreement target)."""
+
+    tokenizer: Any = option(None, data=False, doc="tokenizes calibration given as text")
+    calibration_batch: int = option(16, doc="texts per calibration batch")
+    max_length: int = option(128, doc="tokens per calibration text, at most")
+    delta: float = option(DEFAULT_DELTA, doc="the quality guarantee holds with probability 1 - delta")
+    distill_fraction: float = option(0.4, doc="share of calibration rows (passages for an LM) that fit the exit heads")
+    distill_steps: int = option(300, doc="distillation steps for encoder exit heads")
+    distill_lr: float = option(1e-3, doc="distillation learning rate")
+    adapter_ridge: float = option(1e-2, doc="ridge of an LM exit's residual adapter fit")
+    first_exit: int | None = option(None, doc="first block an LM may exit after; None: half the blocks")
+
+    def validate(self) -> None:
+        for name in ("calibration_batch", "max_length"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                self.fail(name, "must be an integer >= 1")
+        for name in ("delta", "distill_fraction"):
+            if not _is_number(getattr(self, name)) or not 0.0 < getattr(self, name) < 1.0:
+                self.fail(name, "must be a number in (0, 1)")
+        if not _is_int(self.distill_steps) or self.distill_steps < 0:
+            self.fail("distill_steps", "must be an integer >= 0")
+        if not _is_number(self.distill_lr) or self.distill_lr <= 0:
+            self.fail("distill_lr", "must be a number > 0")
+        if not _is_number(self.adapter_ridge) or self.adapter_ridge < 0:
+            self.fail("adapter_ridge", "must be a number >= 0")
+        if self.first_exit is not None and (not _is_int(self.first_exit) or self.first_exit < 0):
+            self.fail("first_exit", "must be None or an integer >= 0")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class EarlyExitPlan(Plan):
+    """The calibrated exits of one layer stack. Saved: the exit plan and the exit heads' count and
+    width (their weights are in the state_dict); the fitted heads and what check measured at run time
+    exist only during compile."""
+
+    exits: ExitPlan
+    hidden: int
+    heads: nn.Module | None = None          # fitted at compile; on load built at zero, filled by load_state_dict
+    runtime_agreement: float | None = None  # an LM's agreement measured with the real runtime in check
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.exits.to_dict(), "heads": len(self.exits.exit_layers), "hidden": self.hidden}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EarlyExitPlan":
+        exits = ExitPlan.from_dict({k: v for k, v in data.items() if k not in ("heads", "hidden")})
+        heads, hidden = data.get("heads"), data.get("hidden")
+        if heads != len(exits.exit_layers) or not isinstance(hidden, int) or hidden < 1:
+            raise SaveLoadError(f"the plan needs one exit head per exit layer ({len(exits.exit_layers)}) and a hidden "
+                                f"size, got heads={heads!r}, hidden={hidden!r}")
+        return cls(exits, hidden)
+
+
 class EarlyExit(Pass):
     name = "early_exit"
     exact = False
     needs_calibration = True
     keeps_blocks = True  # exits are data-dependent control flow between blocks: they do not export
-    options = {
-        "tokenizer": None, "calibration_batch": 16, "max_length": 128,  # for calibration given as text
-        "delta": DEFAULT_DELTA,        # the quality guarantee holds with probability 1 - delta
-        "distill_fraction": 0.4,       # of the calibration rows (passages for an LM) fit the exit heads
-        "distill_steps": 300, "distill_lr": 1e-3, "adapter_ridge": 1e-2,
-        "first_exit": None,            # the first block an LM may exit after; None: half the blocks
-    }
-
-    def __init__(self) -> None:
-        self.details: dict[str, Any] = {}
+    config_class = EarlyExitConfig
+    plan_class = EarlyExitPlan
 
     def _batches(self, ctx: CompileContext) -> list[dict[str, torch.Tensor]]:
-        return calibration_batches(ctx.calibration, self.option(ctx, "tokenizer"),
-                                   self.option(ctx, "calibration_batch"), self.option(ctx, "max_length"))
+        c = self.config
+        return calibration_batches(ctx.calibration, c.tokenizer, c.calibration_batch, c.max_length)
 
     def no_sites_reason(self) -> str:
         return "no BERT-like encoder / classifier or causal-LM layer stack with a final norm and LM head"
@@ -187,31 +244,29 @@ class EarlyExit(Pass):
         return [Site(s.stack_path, ctx.working.get_submodule(s.stack_path), {"stack": s})] if s else []
 
     # -- check: distil, measure, calibrate (the verdict needs all of it) --------------------------
-    def check(self, ctx: CompileContext, site: Site) -> str | None:
+    def check(self, ctx: CompileContext, site: Site) -> EarlyExitPlan | Decline:
         quality = ctx.config.quality or DEFAULT_QUALITY
-        delta = float(self.option(ctx, "delta"))
+        delta = float(self.config.delta)
         s: LayerStack = site.info["stack"]
         batches = self._batches(ctx)
-        self._original_layers = find_layer_stack(ctx.original).layers  # hooks go where the teacher runs
-        self.details = {"kind": s.kind, "quality": quality, "delta": delta, "num_layers": len(s.layers),
-                        "calibration_batches": len(batches)}
+        teacher_layers = find_layer_stack(ctx.original).layers  # hooks go where the teacher runs
+        details = {"kind": s.kind, "quality": quality, "delta": delta, "num_layers": len(s.layers),
+                   "calibration_batches": len(batches)}
         if s.kind == "causal_lm":
             if kv_projection_for(s.layers) is None:
-                return f"{no_kv_projection_reason(s.layers)}: exited tokens would leave holes in the cache"
-            found = self._plan_lm(ctx, s, batches, quality, delta)
+                why = f"{no_kv_projection_reason(s.layers)}: exited tokens would leave holes in the cache"
+                return Decline(why, details)
+            found = self._plan_lm(ctx, s, teacher_layers, batches, quality, delta, details)
         else:
-            found = self._plan_encoder(ctx, s, batches, quality, delta)
+            found = self._plan_encoder(ctx, s, teacher_layers, batches, quality, delta, details)
         if isinstance(found, str):
-            self.details["declined"] = found
-            return found
-        site.info.update(found)
-        return None
+            details["declined"] = found
+            return Decline(found, details)
+        found.details = details
+        return found
 
-    def _choose(self, trials, quality: float, delta: float) -> dict[str, Any] | str:
-        found = choose_exits(trials, quality, delta, self.details)
-        return found if isinstance(found, str) else {"plan": found}
-
-    def _plan_encoder(self, ctx, s: LayerStack, batches, quality, delta) -> dict[str, Any] | str:
+    def _plan_encoder(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches, quality, delta,
+                      details: dict[str, Any]) -> EarlyExitPlan | str:
         from ..calibrate.distill import cosine_to_teacher, distill_heads, kl_to_teacher, least_squares_init
 
         L = len(s.layers)
@@ -219,14 +274,14 @@ class EarlyExit(Pass):
             return "one block: there is nowhere to exit early"
         readouts, teacher = [], []
         for b in batches:
-            out, states = layer_states(ctx.original, self._original_layers, b)
+            out, states = layer_states(ctx.original, teacher_layers, b)
             valid = _valid(b)
             readouts.append(torch.stack([encoder_readout(s.kind, h, valid) for h in states]))  # [L+1, B, H]
             teacher.append(out.logits if s.kind == "classifier" else masked_mean(out.last_hidden_state, valid))
         R, T = torch.cat(readouts, 1), torch.cat(teacher)
         n = T.shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.config.seed))
-        n_train = int(n * float(self.option(ctx, "distill_fraction")))
+        n_train = int(n * float(self.config.distill_fraction))
         train, held = perm[:n_train], perm[n_train:]
         exits = list(range(L - 1))
         hidden = R.shape[-1]
@@ -238,9 +293,9 @@ class EarlyExit(Pass):
             student, loss = (lambda head, x: head(x)), cosine_to_teacher
         least_squares_init([h.adapter for h in heads], [R[l + 1][train] for l in exits], R[L][train])
         distilled = distill_heads(heads, [R[l + 1][train] for l in exits], T[train], student, loss,
-                                  steps=int(self.option(ctx, "distill_steps")), lr=float(self.option(ctx, "distill_lr")),
+                                  steps=int(self.config.distill_steps), lr=float(self.config.distill_lr),
                                   seed=ctx.config.seed, progress=ctx.config.progress)
-        self.details["distillation"] = {"rows": int(train.numel()), **distilled.to_dict()}
+        details["distillation"] = {"rows": int(train.numel()), **distilled.to_dict()}
         with torch.no_grad():
             sig = [encoder_signals(s.kind, heads[e], tail, R[l][held], R[l + 1][held]) for e, l in enumerate(exits)]
             if s.kind == "classifier":
@@ -248,20 +303,19 @@ class EarlyExit(Pass):
                 agree = torch.stack([(x["top1"] == want).float() for x in sig], 1)
             else:
                 agree = torch.stack([cosine01(x["embedding"], T[held]) for x in sig], 1)
-        self.details["per_exit_agreement"] = [round(float(a), 4) for a in agree.mean(0)]
+        details["per_exit_agreement"] = [round(float(a), 4) for a in agree.mean(0)]
         seq = max(b["input_ids"].shape[1] for b in batches)
         layer_cost = _weights(s.layers[0]) * seq
         exit_cost = hidden * hidden + (_weights(tail) if tail is not None else 0)
         cost = cost_fractions(exits, layer_cost, exit_cost, L)
-        self.details.update({"calibration_rows": int(held.numel()), "cost_model": "weight multiply-adds per row"})
+        details.update({"calibration_rows": int(held.numel()), "cost_model": "weight multiply-adds per row"})
         trials = [(m, exits, torch.stack([x[m] for x in sig], 1), agree, cost) for m in ENCODER_MEASURES[s.kind]]
-        chosen = self._choose(trials, quality, delta)
-        if isinstance(chosen, dict):
-            chosen["heads"] = heads
-        return chosen
+        chosen = choose_exits(trials, quality, delta, details)
+        return chosen if isinstance(chosen, str) else EarlyExitPlan(chosen, hidden, heads)
 
     @torch.no_grad()
-    def _lm_states(self, ctx, s: LayerStack, batches, candidates: list[int], fit_fraction: float) -> tuple[dict, dict]:
+    def _lm_states(self, ctx, teacher_layers: nn.ModuleList, batches, candidates: list[int],
+                   fit_fraction: float) -> tuple[dict, dict]:
         """Real tokens' states from the block entering the first candidate exit to the last block
         ([len(candidates) + 2, n, D]) and the full model's next tokens, split by passage into a part
         that fits the exit heads and a part that calibrates the thresholds."""
@@ -275,7 +329,7 @@ class EarlyExit(Pass):
         parts = {True: {"states": [], "want": []}, False: {"states": [], "want": []}}
         start = 0
         for b in batches:
-            out, states = layer_states(ctx.original, self._original_layers, b)
+            out, states = layer_states(ctx.original, teacher_layers, b)
             valid = _valid(b)
             stack = torch.stack(states[candidates[0]:])  # [len(candidates) + 2, B, S, D]
             for r in range(valid.shape[0]):
@@ -286,36 +340,38 @@ class EarlyExit(Pass):
         fit, cal = ({"states": torch.cat(p["states"], 1), "want": torch.cat(p["want"])} for p in (parts[True], parts[False]))
         return fit, cal
 
-    def _heads_for(self, plan: ExitPlan) -> LMExitHeads:
+    @staticmethod
+    def _heads_for(plan: ExitPlan, fitted: LMExitHeads, candidates: list[int]) -> LMExitHeads:
         """The fitted heads of the plan's exits (predictors only where the plan's measure reads them)."""
-        heads = LMExitHeads(self._lm_heads.adapters[0].adapter.in_features, len(plan.exit_layers), plan.measure == "learned")
+        heads = LMExitHeads(fitted.adapters[0].adapter.in_features, len(plan.exit_layers), plan.measure == "learned")
         for e, layer in enumerate(plan.exit_layers):
-            c = self._lm_candidates.index(layer)
-            heads.adapters[e].load_state_dict(self._lm_heads.adapters[c].state_dict())
+            c = candidates.index(layer)
+            heads.adapters[e].load_state_dict(fitted.adapters[c].state_dict())
             if heads.predictors is not None:
-                heads.predictors[e].load_state_dict(self._lm_heads.predictors[c].state_dict())
-        ref = self._lm_heads.adapters[0].adapter.weight
+                heads.predictors[e].load_state_dict(fitted.predictors[c].state_dict())
+        ref = fitted.adapters[0].adapter.weight
         return heads.to(ref.device, ref.dtype)
 
-    def _plan_lm(self, ctx, s: LayerStack, batches, quality, delta) -> dict[str, Any] | str:
+    def _plan_lm(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches, quality, delta,
+                 details: dict[str, Any]) -> EarlyExitPlan | str:
         from ..calibrate.distill import fit_agreement_predictor, least_squares_init
 
         L = len(s.layers)
-        first = self.option(ctx, "first_exit")
+        first = self.config.first_exit
         first = L // 2 if first is None else int(first)  # earlier blocks rarely agree with the last
         candidates = list(range(first, L - 1))
         if not candidates:
             return "too few blocks to place an exit"
         # Passages, not tokens, are split between fitting (adapters, predictors) and calibrating the
         # thresholds: tokens of one passage are alike, and the guarantee needs unseen data.
-        fit, cal = self._lm_states(ctx, s, batches, candidates, float(self.option(ctx, "distill_fraction")))
+        fit, cal = self._lm_states(ctx, teacher_layers, batches, candidates, float(self.config.distill_fraction))
         D = fit["states"].shape[-1]
         ref = s.lm_head.weight
         heads = LMExitHeads(D, len(candidates), predictors=True).to(ref.device, ref.dtype)
         with torch.no_grad():
             least_squares_init([heads.adapters[c].adapter for c in range(len(candidates))],
                                [fit["states"][c + 1] for c in range(len(candidates))], fit["states"][-1],
-                               ridge=float(self.option(ctx, "adapter_ridge")))
+                               ridge=float(self.config.adapter_ridge))
             for part in (fit, cal):
                 part["signals"] = [lm_token_signals(s.norm, s.lm_head, part["states"][c], heads.adapters[c](part["states"][c + 1]))
                                    for c in range(len(candidates))]
@@ -332,10 +388,10 @@ class EarlyExit(Pass):
         A = cal["agree"]
         C = {m: torch.stack([x[m] for x in cal["signals"]], 1) for m in LM_MEASURES}
         # str keys: the report is JSON and must read the same after adaptc.save / adaptc.load
-        self.details["per_layer_agreement"] = {str(l): round(float(a), 4) for l, a in zip(candidates, A.mean(0))}
-        self.details["per_layer_agreement_without_adapter"] = {str(l): round(float(a), 4) for l, a in zip(candidates, raw)}
-        self.details["without_adapter_tokens"] = min(RAW_SAMPLE, int(A.shape[0]))
-        self.details.update({"calibration_tokens": int(A.shape[0]), "fit_tokens": int(fit["want"].numel()),
+        details["per_layer_agreement"] = {str(l): round(float(a), 4) for l, a in zip(candidates, A.mean(0))}
+        details["per_layer_agreement_without_adapter"] = {str(l): round(float(a), 4) for l, a in zip(candidates, raw)}
+        details["without_adapter_tokens"] = min(RAW_SAMPLE, int(A.shape[0]))
+        details.update({"calibration_tokens": int(A.shape[0]), "fit_tokens": int(fit["want"].numel()),
                              "cost_model": "weight multiply-adds per decoded token (K/V propagation and the final "
                                            "LM head included)",
                              "exit_head": "a residual affine adapter (ridge fit onto the last block's state), then the "
@@ -355,91 +411,75 @@ class EarlyExit(Pass):
                 cost = cost_fractions(exits, layer_cost, exit_cost[m], L, shared_cost=head_cost,
                                       skipped_cost=kv_cost, leave_cost=D * D)
                 trials.append((m, exits, C[m][:, cols], A[:, cols], cost))
-        self._lm_heads, self._lm_candidates = heads, candidates
         # The thresholds are fitted on the full model's states, but at run time later tokens attend to
         # exited tokens' propagated K/V. Measure that drift with the real runtime and, where it costs
         # agreement, refit against a target raised by the shortfall (each round pays its delta share).
         target, step, rounds = quality, 0.0, []
         for _ in range(LM_DRIFT_ROUNDS):
-            chosen = self._choose(trials, target, delta / LM_DRIFT_ROUNDS)
+            chosen = choose_exits(trials, target, delta / LM_DRIFT_ROUNDS, details)
             if isinstance(chosen, str):
                 break
-            chosen["heads"] = self._heads_for(chosen["plan"])
+            plan = EarlyExitPlan(chosen, D, self._heads_for(chosen, heads, candidates))
             edit = ModuleEdit(ctx.working)
-            install_lm_exits(ctx.working, s.layers, chosen["plan"], s.norm, s.lm_head, chosen["heads"], set_attr=edit.set_attr)
+            install_lm_exits(ctx.working, s.layers, plan.exits, s.norm, s.lm_head, plan.heads, set_attr=edit.set_attr)
             try:
                 measured = runtime_agreement(ctx.original, ctx.working, "causal_lm", batches)
             finally:
                 edit.rollback()
-            rounds.append({"ltt_target": round(target, 5), "calibrated_agreement": round(self.details["measured_agreement"], 5),
+            rounds.append({"ltt_target": round(target, 5), "calibrated_agreement": round(details["measured_agreement"], 5),
                            "runtime_agreement": round(measured, 5),
-                           "expected_speedup": self.details["expected_speedup"]})
+                           "expected_speedup": details["expected_speedup"]})
             if measured >= quality:
-                self._lm_runtime_agreement = measured  # verify() reuses it: same plan, same data
+                plan.runtime_agreement = measured  # verify() reuses it: same plan, same data
+                chosen = plan
                 break
             # Raise the target by the drift itself (what calibration promised minus what the runtime
             # gave), and at least double the last step: a raise too small to move a threshold gives
             # the same plan again.
-            drift = self.details["measured_agreement"] - measured
+            drift = details["measured_agreement"] - measured
             step = max(2 * step, quality - measured + 1e-3)
             target = max(target + step, quality + drift + 1e-3)
             chosen = f"with K/V propagation the runtime agreement stays below {quality} (last {measured:.4f})"
             if target >= 1.0:
                 chosen += f"; covering a drift of {drift:.4f} would need a calibrated agreement of 1"
                 break
-        self.details["drift_rounds"] = rounds
+        details["drift_rounds"] = rounds
         return chosen
 
     # -- apply -------------------------------------------------------------------------------------
-    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
+    def apply(self, ctx: CompileContext, site: Site, plan: EarlyExitPlan, edit: ModuleEdit) -> None:
         s: LayerStack = site.info["stack"]
-        plan: ExitPlan = site.info["plan"]
         if s.kind == "causal_lm":
-            install_lm_exits(ctx.working, s.layers, plan, s.norm, s.lm_head, site.info["heads"], set_attr=edit.set_attr)
+            install_lm_exits(ctx.working, s.layers, plan.exits, s.norm, s.lm_head, plan.heads, set_attr=edit.set_attr)
         else:
             encoder = ctx.working.get_submodule(s.stack_path)
-            edit.replace(s.stack_path, EarlyExitEncoder(encoder, plan, site.info["heads"], s.tail))
-        self._kind, self._quality = s.kind, ctx.config.quality or DEFAULT_QUALITY
-        self._structure = s
+            edit.replace(s.stack_path, EarlyExitEncoder(encoder, plan.exits, plan.heads, s.tail))
 
-    # -- save / load -------------------------------------------------------------------------------
-    @staticmethod
-    def site_plan(module: nn.Module) -> dict[str, Any]:
-        """The exit plan and the shape of the exit heads (their weights are in the state_dict). The
-        model's own modules (pooler, classifier, norm, LM head) are found again on load."""
-        if isinstance(module, EarlyExitEncoder):
-            plan, adapters = module.plan, module.exit_heads
-        else:
-            policy = lm_exits_of(module)
-            plan, adapters = policy.plan, policy.heads.adapters
-        return {**plan.to_dict(), "heads": len(adapters), "hidden": adapters[0].adapter.in_features}
-
-    @staticmethod
-    def rebuild(module: nn.Module, site_plan: dict[str, Any], model: nn.Module) -> nn.Module:
+    # -- load --------------------------------------------------------------------------------------
+    def rebuild(self, module: nn.Module, plan: EarlyExitPlan, model: nn.Module) -> nn.Module:
         """For adaptc.load: the exit runtime of a saved plan on the rebuilt model. Exit heads start at
-        zero here and the load_state_dict that follows fills them; LM layers are gated in place."""
-        plan = ExitPlan.from_dict(site_plan)
+        zero here and the load_state_dict that follows fills them; LM layers are gated in place. The
+        model's own modules (pooler, classifier, norm, LM head) are found again."""
+        exits = plan.exits
         s = find_layer_stack(model)
-        if s is None or s.kind != plan.kind or model.get_submodule(s.stack_path) is not module:
+        if s is None or s.kind != exits.kind or model.get_submodule(s.stack_path) is not module:
             found = "none" if s is None else f"a {s.kind} stack at {s.stack_path!r}"
-            raise SaveLoadError(f"the plan is for the layer stack of a {plan.kind}; "
+            raise SaveLoadError(f"the plan is for the layer stack of a {exits.kind}; "
                                 f"the rebuilt {type(model).__name__} has {found}")
-        if any(l >= len(s.layers) for l in plan.exit_layers):
-            raise SaveLoadError(f"exit layers {plan.exit_layers} do not fit a stack of {len(s.layers)} blocks")
-        heads, hidden = site_plan.get("heads"), site_plan.get("hidden")
-        if heads != len(plan.exit_layers) or not isinstance(hidden, int) or hidden < 1:
-            raise SaveLoadError(f"the plan needs one exit head per exit layer ({len(plan.exit_layers)}) and a hidden "
-                                f"size, got heads={heads!r}, hidden={hidden!r}")
-        ref = next(module.parameters())
+        if any(l >= len(s.layers) for l in exits.exit_layers):
+            raise SaveLoadError(f"exit layers {exits.exit_layers} do not fit a stack of {len(s.layers)} blocks")
+        ref, count = next(module.parameters()), len(exits.exit_layers)
         if s.kind == "causal_lm":
-            lm_heads = LMExitHeads(hidden, heads, plan.measure == "learned").to(ref.device, ref.dtype)
-            install_lm_exits(model, s.layers, plan, s.norm, s.lm_head, lm_heads)
+            lm_heads = LMExitHeads(plan.hidden, count, exits.measure == "learned").to(ref.device, ref.dtype)
+            install_lm_exits(model, s.layers, exits, s.norm, s.lm_head, lm_heads)
             return module
-        exit_heads = nn.ModuleList(ExitAdapter(hidden) for _ in range(heads)).to(ref.device, ref.dtype)
-        return EarlyExitEncoder(module, plan, exit_heads, s.tail)
+        exit_heads = nn.ModuleList(ExitAdapter(plan.hidden) for _ in range(count)).to(ref.device, ref.dtype)
+        return EarlyExitEncoder(module, exits, exit_heads, s.tail)
 
     # -- verify: quality on calibration data, not bitwise equality ---------------------------------
-    def verify(self, ctx: CompileContext) -> Comparison:
+    def verify(self, ctx: CompileContext, plans: dict[str, EarlyExitPlan]) -> Comparison:
+        (plan,) = plans.values()  # one layer stack
+        quality = ctx.config.quality or DEFAULT_QUALITY
         total = Comparison()
         with torch.no_grad():
             for inputs, expected in zip(ctx.check_inputs, ctx.expected_outputs()):
@@ -450,11 +490,11 @@ class EarlyExit(Pass):
                 if type(got) is not type(expected):
                     return Comparison(math.inf, math.inf, 1, False, f"output type differs: {type(got).__name__}")
                 total.inputs_checked += 1
-        measured = getattr(self, "_lm_runtime_agreement", None)
+        measured = plan.runtime_agreement
         if measured is None:
-            measured = runtime_agreement(ctx.original, ctx.working, self._kind, self._batches(ctx))
-        self.details["runtime_agreement_on_calibration_data"] = round(measured, 5)
+            measured = runtime_agreement(ctx.original, ctx.working, plan.exits.kind, self._batches(ctx))
+        plan.details["runtime_agreement_on_calibration_data"] = round(measured, 5)
         total.max_rel = total.max_abs = 1.0 - measured
-        if measured < self._quality:
-            total.ok, total.why = False, f"runtime agreement {measured:.4f} < quality {self._quality} on the calibration data"
+        if measured < quality:
+            total.ok, total.why = False, f"runtime agreement {measured:.4f} < quality {quality} on the calibration data"
         return total

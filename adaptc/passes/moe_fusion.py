@@ -8,6 +8,7 @@ construction; routers that only give logits are matched to a routing variant by 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,7 +18,29 @@ from .. import kernels  # noqa: F401  (registers adaptc::fused_moe)
 from ..analysis import moe
 from ..kernels._registry import kernel_preference
 from ..verify import compare
-from ._base import CompileContext, ModuleEdit, Pass, Site
+from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
+from ._config import PassConfig
+
+
+@dataclass(frozen=True)
+class MoEFusionConfig(PassConfig):
+    """moe_fusion has no options: which routing and expert variant a block uses is found by testing."""
+
+
+@dataclass
+class MoEFusionPlan(Plan):
+    """The routing / expert variant that reproduced the block (FusedMoE's plan, saved as it is)."""
+
+    spec: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.spec)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MoEFusionPlan":
+        if not isinstance(data, dict):
+            raise ValueError(f"a moe_fusion plan is a JSON object, not {type(data).__name__}")
+        return cls(dict(data))
 
 
 class FusedMoE(nn.Module):
@@ -74,6 +97,8 @@ class FusedMoE(nn.Module):
 class MoEFusion(Pass):
     name = "moe_fusion"
     exact = True
+    config_class = MoEFusionConfig
+    plan_class = MoEFusionPlan
 
     def match(self, ctx: CompileContext) -> list[Site]:
         sites: list[Site] = []
@@ -98,7 +123,7 @@ class MoEFusion(Pass):
     def no_sites_reason(self) -> str:
         return "no Mixture-of-Experts blocks (a router beside packed or ModuleList experts)"
 
-    def check(self, ctx: CompileContext, site: Site) -> str | None:
+    def check(self, ctx: CompileContext, site: Site) -> MoEFusionPlan | Decline | str:
         call = ctx.recorded_call(site.path)
         if call is None:
             return "the block did not run on the example inputs"
@@ -122,8 +147,7 @@ class MoEFusion(Pass):
             fused = FusedMoE(site.module, plan)
             with torch.no_grad(), kernel_preference("reference"):
                 if compare(want, fused(x)).ok and compare(want_fresh, fused(fresh)).ok:
-                    site.info["plan"] = plan
-                    return None
+                    return MoEFusionPlan(plan)
         return "no supported routing/expert variant reproduces the block's output"
 
     def _candidate_plans(self, site: Site, x: torch.Tensor) -> tuple[list[dict[str, Any]], str]:
@@ -163,10 +187,9 @@ class MoEFusion(Pass):
         ]
         return plans, ""
 
-    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
-        edit.replace(site.path, FusedMoE(site.module, site.info["plan"]))
+    def apply(self, ctx: CompileContext, site: Site, plan: MoEFusionPlan, edit: ModuleEdit) -> None:
+        edit.replace(site.path, FusedMoE(site.module, plan.spec))
 
-    @staticmethod
-    def rebuild(block: nn.Module, plan: dict[str, Any], model: nn.Module) -> nn.Module:
+    def rebuild(self, block: nn.Module, plan: MoEFusionPlan, model: nn.Module) -> nn.Module:
         """The fused block for a saved plan (adaptc.load)."""
-        return FusedMoE(block, plan)
+        return FusedMoE(block, plan.spec)

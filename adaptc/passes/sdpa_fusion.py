@@ -9,6 +9,7 @@ Under torch.export the mode is traced through, so the captured graph holds the a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 
 from .. import kernels  # noqa: F401  (registers adaptc::attention)
 from ..analysis.calls import innermost_callers
-from ._base import CompileContext, ModuleEdit, Pass, Site
+from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
+from ._config import PassConfig
 from .attention_fusion import mask_structure
 
 SDPA = F.scaled_dot_product_attention
@@ -81,9 +83,21 @@ def sdpa_callers(model: nn.Module, run) -> dict[str, list[str | None]]:
     return innermost_callers(model, run, lambda func: func is SDPA, lambda func, *a, **k: why_not(*a, **k))
 
 
+@dataclass(frozen=True)
+class SdpaFusionConfig(PassConfig):
+    """sdpa_fusion has no options: calls the op cannot take exactly go to SDPA unchanged."""
+
+
+@dataclass
+class SdpaFusionPlan(Plan):
+    """Nothing per site: the wrapper decides per call."""
+
+
 class SdpaFusion(Pass):
     name = "sdpa_fusion"
     exact = True
+    config_class = SdpaFusionConfig
+    plan_class = SdpaFusionPlan
 
     def match(self, ctx: CompileContext) -> list[Site]:
         calls = sdpa_callers(ctx.working, lambda: ctx.working(*ctx.inputs.args, **ctx.inputs.kwargs))
@@ -93,13 +107,12 @@ class SdpaFusion(Pass):
     def no_sites_reason(self) -> str:
         return "no F.scaled_dot_product_attention calls outside Hugging Face's attention interface"
 
-    def check(self, ctx: CompileContext, site: Site) -> str | None:
+    def check(self, ctx: CompileContext, site: Site) -> SdpaFusionPlan | Decline | str:
         reasons = [r for r in site.info["calls"] if r is not None]
-        return f"its SDPA calls use {reasons[0]}" if len(reasons) == len(site.info["calls"]) else None
+        return f"its SDPA calls use {reasons[0]}" if len(reasons) == len(site.info["calls"]) else SdpaFusionPlan()
 
-    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
+    def apply(self, ctx: CompileContext, site: Site, plan: SdpaFusionPlan, edit: ModuleEdit) -> None:
         edit.replace(site.path, SdpaIntercept(site.module))
 
-    @staticmethod
-    def rebuild(module: nn.Module, plan: dict[str, Any], model: nn.Module) -> nn.Module:
+    def rebuild(self, module: nn.Module, plan: SdpaFusionPlan, model: nn.Module) -> nn.Module:
         return SdpaIntercept(module)

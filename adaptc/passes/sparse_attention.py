@@ -21,7 +21,8 @@ from torch import nn
 
 from .. import kernels  # noqa: F401  (registers the adaptc ops)
 from ..calibrate import attention_sparsity as cal
-from ._base import CompileContext, ModuleEdit, Pass, Site
+from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
+from ._config import PassConfig
 from .attention_fusion import (SUPPORTED_FROM, adaptc_attention_forward, interface_sites, mask_structure,
                                no_sdpa_reason, register_attention)
 
@@ -85,15 +86,51 @@ class Quality:
         return {"kind": "quality", "metric": "next-token agreement", "target": self.target, **self.measured}
 
 
+@dataclass(frozen=True)
+class SparseAttentionConfig(PassConfig):
+    """sparse_attention has no options of its own: compile's `quality` sets its target."""
+
+
+@dataclass
+class SparseAttentionPlan(Plan):
+    """One attention module's calibrated pattern; `target` and `held_out` (the batches calibration did
+    not fit on) are what verify checks it against."""
+
+    pattern: cal.HeadPattern
+    target: float = DEFAULT_QUALITY
+    held_out: list = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.pattern.to_dict()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparseAttentionPlan":
+        if not isinstance(data, dict) or set(data) != {"block", "sinks", "window", "topk"}:
+            raise ValueError("a sparse_attention plan has exactly block, sinks, window and topk")
+        block, lists = data["block"], [data[k] for k in ("sinks", "window", "topk")]
+        ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+        if not (isinstance(block, int) and block > 0 and all(ints(x) for x in lists) and len({len(x) for x in lists}) == 1):
+            raise ValueError("a sparse_attention plan needs a positive block and one count >= 0 per head in each list")
+        return cls(cal.HeadPattern(block, *(tuple(x) for x in lists)))
+
+
+@dataclass
+class _Calibrated:
+    """The calibration every attention module's check shares (ctx.once): patterns, or why none."""
+
+    patterns: dict[str, cal.HeadPattern] = field(default_factory=dict)
+    decline: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    target: float = DEFAULT_QUALITY
+    held_out: list = field(default_factory=list)
+
+
 class SparseAttention(Pass):
     name = "sparse_attention"
     exact = False
     needs_calibration = True
-
-    def __init__(self) -> None:
-        self.plan: dict[str, cal.HeadPattern] | None = None
-        self.decline: str | None = None
-        self.details: dict[str, Any] = {}
+    config_class = SparseAttentionConfig
+    plan_class = SparseAttentionPlan
 
     def match(self, ctx: CompileContext) -> list[Site]:
         config = getattr(ctx.working, "config", None)
@@ -106,49 +143,59 @@ class SparseAttention(Pass):
     def no_sites_reason(self) -> str:
         return "no Hugging Face causal-LM attention modules (bidirectional and encoder-decoder models are not handled)"
 
-    def check(self, ctx: CompileContext, site: Site) -> str | None:
+    def check(self, ctx: CompileContext, site: Site) -> SparseAttentionPlan | Decline | str:
         if (why := no_sdpa_reason(ctx.working)) is not None:
             return why
         impl = site.info["config"]._attn_implementation
         if impl not in (*SUPPORTED_FROM, "adaptc", IMPLEMENTATION):
             return f"the model runs {impl!r} attention"
-        if self.plan is None and self.decline is None:
-            self._calibrate(ctx)
-        return self.decline or (None if site.path in self.plan else "no attention calls seen on the calibration text")
+        c: _Calibrated = ctx.once((self.name, "calibration"), lambda: self._calibrate(ctx))
+        if c.decline:
+            return Decline(c.decline, c.details)
+        if site.path not in c.patterns:
+            return Decline("no attention calls seen on the calibration text", c.details)
+        return SparseAttentionPlan(c.patterns[site.path], c.target, c.held_out, details=c.details)
 
-    def apply(self, ctx: CompileContext, site: Site, edit: ModuleEdit) -> None:
+    def apply(self, ctx: CompileContext, site: Site, plan: SparseAttentionPlan, edit: ModuleEdit) -> None:
         config = site.info["config"]
         if config._attn_implementation != IMPLEMENTATION:
             register()
             edit.set_attr(config, "_attn_implementation", IMPLEMENTATION)
-        edit.set_attr(site.module, "adaptc_sparse_pattern", self.plan[site.path])
+        edit.set_attr(site.module, "adaptc_sparse_pattern", plan.pattern)
 
-    def verify(self, ctx: CompileContext) -> Quality:
+    def rebuild(self, attention: nn.Module, plan: SparseAttentionPlan, model: nn.Module) -> nn.Module:
+        """For adaptc.load: the saved pattern on the rebuilt module, its config switched to the patterns."""
+        register()
+        attention.config._attn_implementation = IMPLEMENTATION
+        attention.adaptc_sparse_pattern = plan.pattern
+        return attention
+
+    def verify(self, ctx: CompileContext, plans: dict[str, SparseAttentionPlan]) -> Quality:
+        first = next(iter(plans.values()))  # every site shares one calibration: its target and held-out data
         token = _measuring.set(True)
         try:
-            measured = cal.next_token_quality(ctx.working, self._reference(ctx, self.held_out), self.held_out)
+            measured = cal.next_token_quality(ctx.working, self._reference(ctx, first.held_out), first.held_out)
         finally:
             _measuring.reset(token)
-        self.details["held_out"] = measured
-        return Quality(self.target, measured)
+        first.details["held_out"] = measured
+        return Quality(first.target, measured)
 
     def _reference(self, ctx: CompileContext, batches) -> list[torch.Tensor]:
         with torch.no_grad():
             return [ctx.original(*b.args, **b.kwargs).logits for b in batches]
 
-    def _calibrate(self, ctx: CompileContext) -> None:
+    def _calibrate(self, ctx: CompileContext) -> _Calibrated:
         """Measure kept mass, then search tau (sparsest first, by bisection) against the quality target."""
         batches = list(ctx.calibration or [])
         if len(batches) < 2:
-            self.decline = "needs at least 2 calibration batches (one to fit the patterns, one held out to check them)"
-            return
+            return _Calibrated(decline="needs at least 2 calibration batches (one to fit the patterns, one held out "
+                                       "to check them)")
         split = max(1, len(batches) // 2)
-        fit, self.held_out = batches[:split], batches[split:]
-        self.target = ctx.config.quality or DEFAULT_QUALITY
+        fit, held_out = batches[:split], batches[split:]
+        target = ctx.config.quality or DEFAULT_QUALITY
         recovered = cal.recovered_mass(ctx.original, fit)
         if not recovered:
-            self.decline = "the calibration batches are not longer than one block: nothing to make sparse"
-            return
+            return _Calibrated(decline="the calibration batches are not longer than one block: nothing to make sparse")
         reference = self._reference(ctx, fit)
         register()
         config = ctx.working.config
@@ -167,11 +214,11 @@ class SparseAttention(Pass):
         token = _measuring.set(True)
         try:
             lo, hi = 0, len(TAUS) - 1  # the answer: the smallest index whose agreement meets the target
-            if quality_at(TAUS[hi])["agreement"] < self.target:
+            if quality_at(TAUS[hi])["agreement"] < target:
                 lo = len(TAUS)
             while lo < hi:
                 mid = (lo + hi) // 2
-                if quality_at(TAUS[mid])["agreement"] >= self.target:
+                if quality_at(TAUS[mid])["agreement"] >= target:
                     hi = mid
                 else:
                     lo = mid + 1
@@ -182,18 +229,18 @@ class SparseAttention(Pass):
                 vars(ctx.working.get_submodule(path)).pop("adaptc_sparse_pattern", None)
         search = [{"tau": t, **q} for t, q in sorted(tried.items())]
         if lo == len(TAUS):
-            self.decline = (f"no pattern setting meets next-token agreement {self.target} on the calibration text "
-                            f"(densest tried: {search[-1]['agreement']:.4f})")
-            self.details = {"search": search}
-            return
+            return _Calibrated(decline=(f"no pattern setting meets next-token agreement {target} on the calibration "
+                                        f"text (densest tried: {search[-1]['agreement']:.4f})"),
+                               details={"search": search})
         tau = TAUS[lo]
-        self.plan = cal.patterns_at(recovered, tau)
+        patterns = cal.patterns_at(recovered, tau)
         length = int(cal._input_ids(fit[0]).shape[1])
-        self.details = {
-            "quality_target": self.target, "metric": "next-token agreement with the original", "tau": tau,
+        details = {
+            "quality_target": target, "metric": "next-token agreement with the original", "tau": tau,
             "calibration": tried[tau], "search": search, "block": cal.BLOCK,
-            "density_at_calibration_length": round(cal.density(self.plan, length), 4),
+            "density_at_calibration_length": round(cal.density(patterns, length), 4),
             "calibration_length": length,
-            "dense_heads": sum(p.dense_heads() for p in self.plan.values()),
-            "heads": sum(len(p.window) for p in self.plan.values()),
+            "dense_heads": sum(p.dense_heads() for p in patterns.values()),
+            "heads": sum(len(p.window) for p in patterns.values()),
         }
+        return _Calibrated(patterns, None, details, target, held_out)

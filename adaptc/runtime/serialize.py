@@ -4,6 +4,8 @@ A `.adaptc` file is a zip: `manifest.json` (format version, report, plan, how to
 `program.pt2` (a torch.export program: graph as data) or `weights.pt` (tensors only, read with
 `weights_only=True`) plus a Hugging Face config from which the architecture is rebuilt. The model
 class is looked up by name in `transformers` and must be a PreTrainedModel: nothing else is loaded.
+Pass configs in the manifest come back only as adaptc's own config classes (adaptc.passes.load_config),
+and each pass re-applies its saved site plans through its `rebuild`.
 """
 from __future__ import annotations
 
@@ -41,6 +43,13 @@ def save(module: nn.Module, path: str | os.PathLike) -> None:
         torch.export.save(program, buf)
         files["program.pt2"] = buf.getvalue()
     elif _is_hf_model(module):
+        from ..passes import registry
+
+        unsaveable = [name for name in state.plan if name in registry() and not registry()[name].saveable]
+        if unsaveable:
+            raise SaveLoadError(f"cannot save {type(module).__name__}: pass {unsaveable[0]!r} rewrote it at block "
+                                "granularity and cannot be re-applied from data on load (compile without it, "
+                                "or with a whole-graph capture)")
         manifest["kind"] = "hf_blocks"
         manifest["model_class"] = type(module).__name__
         manifest["hf_config"] = module.config.to_dict()
@@ -76,8 +85,9 @@ def save(module: nn.Module, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
     from .. import kernels  # noqa: F401  (the adaptc:: ops a saved graph calls)
-    from ..tuner import session  # noqa: F401  (tuned configs come from the cache)
+    from ..tuner.session import install_cache_source
 
+    install_cache_source()  # the loaded module's kernels read their tuned configs from the cache
     try:
         with zipfile.ZipFile(path) as zf:
             manifest = json.loads(_read(zf, "manifest.json", trust.MANIFEST_LIMIT))
@@ -86,6 +96,7 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
             if manifest.get("format") != "adaptc" or manifest.get("format_version") != FORMAT_VERSION:
                 raise SaveLoadError(f"format version {manifest.get('format_version')} (this adaptc reads {FORMAT_VERSION})")
             state = CompiledState(*(_field(manifest, name) for name in ("report", "plan", "config")))
+            configs = _pass_configs(manifest["config"])
             kind = manifest.get("kind")
             if kind == "exported_program":
                 what = "a torch.export.save archive"
@@ -98,7 +109,7 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
                 weights = _member("weights.pt", "tensors written by torch.save", lambda: torch.load(
                     data, map_location=map_location, weights_only=True))
                 trust.check_hf_config(manifest.get("hf_config"))
-                module = _rebuild_hf(manifest, weights)
+                module = _rebuild_hf(manifest, weights, configs)
             else:
                 raise SaveLoadError(f"unknown kind {kind!r}")
     except SaveLoadError as exc:  # every message starts with the file it is about
@@ -111,6 +122,20 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
         message = " ".join(str(exc).split())[:300]  # torch's messages span lines (load_state_dict's lists keys)
         raise SaveLoadError(f"{path}: not a readable adaptc file ({type(exc).__name__}: {message})") from None
     return attach(module, state)
+
+
+def _pass_configs(config: Any) -> dict[str, Any]:
+    """The saved pass configs by pass name, built only as adaptc's own config classes: data from the
+    file never names a class to construct."""
+    from ..passes import load_config
+
+    saved = config.get("pass_configs", {}) if isinstance(config, dict) else None
+    if not isinstance(saved, dict):
+        raise SaveLoadError("its compile config is not a JSON object with pass_configs")
+    try:
+        return {name: load_config(data) for name, data in saved.items()}
+    except ValueError as exc:
+        raise SaveLoadError(f"a pass config in it cannot be read: {exc}") from None
 
 
 def _read(zf: zipfile.ZipFile, name: str, limit: int | None = None) -> bytes:
@@ -152,9 +177,10 @@ def _is_hf_model(module: nn.Module) -> bool:
     return isinstance(module, PreTrainedModel)
 
 
-def _rebuild_hf(manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> nn.Module:
+def _rebuild_hf(manifest: dict[str, Any], weights: dict[str, torch.Tensor], configs: dict[str, Any]) -> nn.Module:
     import transformers
 
+    from ..errors import AdaptcError
     from ..passes import registry
     from ..passes._base import ModuleEdit
 
@@ -189,14 +215,18 @@ def _rebuild_hf(manifest: dict[str, Any], weights: dict[str, torch.Tensor]) -> n
     model = cls(config).eval()
     edit = ModuleEdit(model)
     for pass_name, sites in manifest["plan"].items():
-        if pass_name not in registry():
+        cls = registry().get(pass_name)
+        if cls is None:
             raise SaveLoadError(f"plan names pass {pass_name!r}, which this adaptc does not have")
-        rebuild = getattr(registry()[pass_name], "rebuild", None)
-        if rebuild is None:
+        if not cls.saveable:
             raise SaveLoadError(f"pass {pass_name!r} cannot be re-applied on load")
+        try:
+            p = cls(configs.get(pass_name))
+        except AdaptcError as exc:
+            raise SaveLoadError(f"the config saved for {pass_name!r} does not fit it: {exc}") from None
         for path, site_plan in sites.items():
             try:  # the plan is data from the file: a bad one is a load error, not a traceback from a pass
-                edit.replace(path, rebuild(edit.root.get_submodule(path), site_plan, edit.root))
+                edit.replace(path, p.rebuild(edit.root.get_submodule(path), p.plan_class.from_dict(site_plan), edit.root))
             except SaveLoadError as exc:
                 raise SaveLoadError(f"cannot re-apply {pass_name!r} at {path!r}: {exc}") from None
             except (AttributeError, KeyError, TypeError, ValueError) as exc:

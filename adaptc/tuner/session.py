@@ -1,6 +1,7 @@
 """A compile's tuning: every kernel a compiled module calls gets a config measured on this device, or
 one some machine measured before, from the tuning cache. `tune_calls` is what `adaptc.compile` runs;
-importing this module makes the cache the kernels' config source at run time."""
+`install_cache_source` (called by compile and load, never by importing this module) makes the cache
+where kernels look up configs at run time."""
 from __future__ import annotations
 
 import warnings
@@ -8,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..kernels._registry import KERNELS, set_config_source, trace_calls
+from ..kernels._registry import KERNELS, config_source, set_config_source, trace_calls
 from .tune import Budget, Outcome, cached, key_for, record_key, tune
 
 
@@ -77,4 +78,8 @@ def _from_cache(kernel: str, impl: str, problem: dict[str, Any], device_type: st
     return dict(record.config) if space is not None and space.contains(dict(record.config)) else None
 
 
-set_config_source(_from_cache)
+def install_cache_source() -> None:
+    """Make the tuning cache the kernels' config source (idempotent: a second call keeps what the
+    kernels memoised). adaptc.compile (when it tunes) and adaptc.load call it."""
+    if config_source() is not _from_cache:
+        set_config_source(_from_cache)

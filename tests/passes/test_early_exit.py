@@ -96,6 +96,24 @@ def test_decline_leaves_the_model_unchanged_and_says_why():
         assert torch.equal(fast(**cal[1]).logits, model(**cal[1]).logits)
 
 
+def test_a_typed_config_in_passes_reaches_the_pass_and_the_report():
+    from transformers import BertForSequenceClassification
+
+    from adaptc.passes import EarlyExit, EarlyExitConfig
+
+    model, cal = small_bert(BertForSequenceClassification, num_labels=3), bert_batches(8)
+    for passes, kw in (([EarlyExit(delta=0.05, distill_steps=5)], {}), (["early_exit"], {"delta": 0.05, "distill_steps": 5}),
+                       ([EarlyExitConfig(delta=0.05)], {"distill_steps": 5})):
+        fast = adaptc.compile(model, example_inputs=cal[0], passes=passes, calibration=cal, quality=0.5, tune=False,
+                              progress=False, **kw)
+        p, config = the_pass(fast), adaptc.report(fast)["config"]
+        assert p["details"]["delta"] == 0.05 and "probability >= 0.95" in p["details"].get("guarantee", "probability >= 0.95")
+        assert config["passes"] == ["early_exit"]
+        assert config["pass_configs"]["early_exit"]["delta"] == 0.05
+        assert config["pass_configs"]["early_exit"]["distill_steps"] == 5
+        assert config["pass_configs"]["early_exit"]["type"] == "EarlyExitConfig"
+
+
 def test_an_approximate_pass_without_calibration_is_a_clear_error():
     from transformers import BertForSequenceClassification
 

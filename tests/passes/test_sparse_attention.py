@@ -64,6 +64,22 @@ def test_calls_the_patterns_cannot_serve_run_exact_attention():
         torch.testing.assert_close(fast(short).logits, model(short).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_patterns_survive_save_and_load(tmp_path):
+    model = tiny_llama()
+    calibration = token_batches(2, 256)
+    fast = adaptc.compile(model, example_inputs=calibration[0], passes=["sparse_attention"], calibration=calibration,
+                          quality=0.05, tune=False)
+    (entry,) = adaptc.report(fast)["passes"]
+    assert entry["status"] == "applied", entry["reason"]
+    adaptc.save(fast, tmp_path / "sparse.adaptc")
+    loaded = adaptc.load(tmp_path / "sparse.adaptc")
+    for path in entry["sites"]:
+        assert loaded.get_submodule(path).adaptc_sparse_pattern == fast.get_submodule(path).adaptc_sparse_pattern
+    ids = token_batches(1, 600, seed=3)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, fast(ids).logits)
+
+
 def test_declines_and_errors_say_why():
     model = tiny_llama()
     with pytest.raises(AdaptcError, match="need calibration"):

@@ -56,3 +56,48 @@ def test_unsaveable_module_is_refused_and_leaves_target_alone(tmp_path):
     with pytest.raises(adaptc.SaveLoadError, match="without pickling code"):
         adaptc.save(fast, target)
     assert target.read_text() == "user data"
+
+
+def _rewrite_manifest(path, change):
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    manifest = json.loads(members["manifest.json"])
+    change(manifest)
+    members["manifest.json"] = json.dumps(manifest)
+    with zipfile.ZipFile(path, "w") as zf:
+        for n, d in members.items():
+            zf.writestr(n, d)
+
+
+def test_pass_configs_are_saved_as_data_and_an_unknown_type_is_refused(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 3)).eval()
+    fast = adaptc.compile(model, example_inputs=(torch.randn(2, 3),), tune=False)
+    p = tmp_path / "m.adaptc"
+    adaptc.save(fast, p)
+    with zipfile.ZipFile(p) as zf:
+        saved = json.loads(zf.read("manifest.json"))["config"]["pass_configs"]
+    assert saved["moe_fusion"] == {"type": "MoEFusionConfig", "version": 1}
+    assert adaptc.report(adaptc.load(p))["config"]["pass_configs"] == saved
+    for change, words in (
+            (lambda m: m["config"]["pass_configs"].update(moe_fusion={"type": "subprocess.Popen", "version": 1}),
+             "unknown pass config type 'subprocess.Popen'"),
+            (lambda m: m["config"]["pass_configs"].update(moe_fusion={"type": "MoEFusionConfig", "version": 7}),
+             "MoEFusionConfig version 7"),
+            (lambda m: m["config"].update(pass_configs=[1]), "not a JSON object with pass_configs")):
+        bad = tmp_path / "bad.adaptc"
+        bad.write_bytes(p.read_bytes())
+        _rewrite_manifest(bad, change)
+        with pytest.raises(adaptc.SaveLoadError, match=words):
+            adaptc.load(bad)
+
+
+def test_a_pass_that_cannot_be_rebuilt_is_refused_at_save(tmp_path):
+    tf = pytest.importorskip("transformers")
+    from adaptc.runtime.module import CompiledState, attach
+
+    model = tf.BertModel(tf.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=16)).eval()
+    attach(model, CompiledState({}, {"eager_attention_fusion": {"encoder": {}}}, {}))
+    with pytest.raises(adaptc.SaveLoadError, match="'eager_attention_fusion' .* cannot be re-applied from data"):
+        adaptc.save(model, tmp_path / "m.adaptc")
+    assert not (tmp_path / "m.adaptc").exists()
