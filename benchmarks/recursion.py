@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/recursion.py                        # albert-tiny and albert-base, both exporters
     .venv/bin/python benchmarks/recursion.py --models albert-tiny --exporters dynamo
 
-ALBERT from its config with random weights (nothing downloaded): `albert-base` is `AlbertConfig()`'s
-defaults (12 layers sharing one group, width 768, 12 heads), `albert-tiny` the tests' 4-layer one. Each export
+ALBERT from its config with random weights (nothing downloaded): `albert-base` has albert-base-v2's shape
+(12 layers sharing one group, width 768, 12 heads, vocabulary 30000), `albert-tiny` the tests' 4-layer one. Each export
 is converted with the default passes (attention, moe, reroll) and without reroll; the table gives nodes
 (top-level, and counting the Loop body), file size, the verified max relative error against the original
 in onnxruntime, and onnxruntime CPU latency (batch 2, seq 16). Results: benchmarks/results/recursion-<device>.*
@@ -30,7 +30,10 @@ def albert(name: str, exporter: str, work: Path) -> Path:
     import transformers as tf
 
     torch.manual_seed(0)
-    model = tf.AlbertModel(tf.AlbertConfig(attn_implementation="sdpa")).eval()
+    # albert-base-v2's shape (AlbertConfig()'s own defaults are xxlarge: width 4096, 64 heads)
+    config = tf.AlbertConfig(embedding_size=128, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                             intermediate_size=3072, attn_implementation="sdpa")
+    model = tf.AlbertModel(config).eval()
     return export_model(model, exporter, work / f"albert-base-{exporter}.onnx")
 
 

@@ -2,8 +2,10 @@
 outputs unchanged at other shapes; distinct layers (BERT) are declined with the reason."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -82,7 +84,7 @@ class Looped(torch.nn.Module):
         return self.head(x)
 
 
-def test_user_loop_over_one_block_rerolls_and_a_read_state_stops_it(tmp_path):
+def test_user_loop_over_one_block_rerolls_and_a_read_state_splits_it(tmp_path):
     torch.manual_seed(0)
     model = Looped().eval()
     path = tmp_path / "looped.onnx"
@@ -94,15 +96,12 @@ def test_user_loop_over_one_block_rerolls_and_a_read_state_stops_it(tmp_path):
     [result] = apply_rules(ir_model, [Reroll()])
     assert result.fired == 1 and result.details["blocks"] == 5
     ir.save(ir_model, str(tmp_path / "rolled.onnx"))
-    import onnxruntime as ort
-    import numpy as np
-
     feed = {"x": np.random.default_rng(0).standard_normal((3, 4, 16)).astype(np.float32)}
     expected = model(torch.from_numpy(feed["x"])).detach().numpy()
     got = ort.InferenceSession(str(tmp_path / "rolled.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
 
-    # a graph output read between the copies cannot hide inside a Loop: only the rest is re-rolled
+    # a state read between the copies (here a graph output) cannot hide inside a Loop: two Loops, split there
     class Tapped(Looped):
         def forward(self, x):
             for i in range(self.n):
@@ -119,4 +118,9 @@ def test_user_loop_over_one_block_rerolls_and_a_read_state_stops_it(tmp_path):
     ir_model = ir.load(str(path))
     cleanup(ir_model)
     [result] = apply_rules(ir_model, [Reroll()])
-    assert result.fired == 1 and result.details["blocks"] == 3  # layers 3..5, after the tap
+    assert result.fired == 2 and [loop["blocks"] for loop in result.details["loops"]] == [3, 2]
+    ir.save(ir_model, str(tmp_path / "tapped-rolled.onnx"))
+    expected = [t.detach().numpy() for t in tapped(torch.from_numpy(feed["x"]))]
+    got = ort.InferenceSession(str(tmp_path / "tapped-rolled.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)

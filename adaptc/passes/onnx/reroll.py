@@ -49,17 +49,18 @@ class Reroll(OnnxRule):
         prune(model)  # earlier rules leave dead nodes that still read a block's values
         sort(model)  # the walk below reads the node order as a topological one; earlier rules append nodes
         graph = model.graph
-        exact = find_chain(graph, by_content=True)
-        if exact is None:
-            loose = find_chain(graph, by_content=False)
-            if loose is not None:
-                result.declined.append({"site": _site(loose), "reason": (
-                    f"{len(loose.bodies)} structurally identical blocks of {len(loose.bodies[0])} nodes read "
-                    "different weights (distinct layers, not shared ones): not re-rolled")})
+        loops = []
+        while (exact := find_chain(graph, by_content=True)) is not None:  # an encoder and a decoder stack: two
+            loops.append({"blocks": len(exact.bodies), "body_nodes": len(exact.bodies[0]), "site": _site(exact)})
+            reroll(graph, exact, suffix=f"_{len(loops) - 1}" if loops[:-1] else "")
+        if loops:
+            result.fired, result.details = len(loops), {**loops[0], **({"loops": loops} if len(loops) > 1 else {})}
             return result
-        result.details = {"blocks": len(exact.bodies), "body_nodes": len(exact.bodies[0]), "site": _site(exact)}
-        reroll(graph, exact)
-        result.fired = 1
+        loose = find_chain(graph, by_content=False)
+        if loose is not None:
+            result.declined.append({"site": _site(loose), "reason": (
+                f"{len(loose.bodies)} structurally identical blocks of {len(loose.bodies[0])} nodes read "
+                "different weights (distinct layers, not shared ones): not re-rolled")})
         return result
 
 
@@ -108,6 +109,7 @@ def find_chain(graph: ir.Graph, by_content: bool = True) -> Chain | None:
             chain = _checked(chain, position, hashes) if chain is not None else None
             if chain is not None and len(chain.bodies[0]) >= MIN_BODY and (best is None or chain.saving > best.saving):
                 best = chain
+        relative.pop(id(s), None)  # later starts never look back: keeps memory at one pass's worth
     return best
 
 
@@ -166,17 +168,18 @@ def _checked(chain: Chain, position, hashes) -> Chain | None:
     return Chain(chain.states, bodies)
 
 
-def reroll(graph: ir.Graph, chain: Chain) -> ir.Node:
+def reroll(graph: ir.Graph, chain: Chain, suffix: str = "") -> ir.Node:
     """Replace the chain's bodies by Loop(trip_count=n) over the first body, carrying the state."""
     s0, sn, first = chain.states[0], chain.states[-1], chain.bodies[0]
     s1 = chain.states[1]
-    iteration = ir.Value(name="reroll_iter", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
-    cond_in = ir.Value(name="reroll_cond_in", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.BOOL))
-    state_in = ir.Value(name="reroll_state_in", shape=s0.shape, type=s0.type)
-    trips = const(graph, "reroll_trip_count", np.array(len(chain.bodies), dtype=np.int64))
-    loop = ir.node("Loop", inputs=[trips, None, s0], num_outputs=1, name="reroll_loop")
+    iteration = ir.Value(name=f"reroll_iter{suffix}", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
+    cond_in = ir.Value(name=f"reroll_cond_in{suffix}", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.BOOL))
+    same_shape = s0.shape is not None and s1.shape is not None and list(s0.shape) == list(s1.shape)
+    state_in = ir.Value(name=f"reroll_state_in{suffix}", shape=s0.shape if same_shape else None, type=s0.type)
+    trips = const(graph, f"reroll_trip_count{suffix}", np.array(len(chain.bodies), dtype=np.int64))
+    loop = ir.node("Loop", inputs=[trips, None, s0], num_outputs=1, name=f"reroll_loop{suffix}")
     out = loop.outputs[0]
-    out.name, out.shape, out.type = "reroll_out", sn.shape, sn.type
+    out.name, out.shape, out.type = f"reroll_out{suffix}", sn.shape, sn.type
     graph.insert_before(first[0], loop)
     replace_output(graph, sn, out)
     for body in reversed(chain.bodies[1:]):
@@ -186,10 +189,10 @@ def reroll(graph: ir.Graph, chain: Chain) -> ir.Node:
         for i, v in enumerate(node.inputs):
             if v is s0:
                 node.replace_input_with(i, state_in)
-    cond_out = ir.node("Identity", inputs=[cond_in], name="reroll_cond")
-    cond_out.outputs[0].name = "reroll_cond_out"
+    cond_out = ir.node("Identity", inputs=[cond_in], name=f"reroll_cond{suffix}")
+    cond_out.outputs[0].name = f"reroll_cond_out{suffix}"
     body = ir.Graph([iteration, cond_in, state_in], [cond_out.outputs[0], s1], nodes=[*first, cond_out],
-                    name="reroll_body", opset_imports=dict(graph.opset_imports))
+                    name=f"reroll_body{suffix}", opset_imports=dict(graph.opset_imports))
     loop.attributes["body"] = ir.AttrGraph("body", body)
     return loop
 
