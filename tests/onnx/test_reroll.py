@@ -9,10 +9,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import adaptc
 from adaptc.passes.onnx import Reroll, apply_rules
 from adaptc.passes.onnx.cleanup import cleanup
 
 from .test_convert_models import assert_same_outputs, fresh_inputs, run_convert
+from .test_export import compiled_program
 
 
 def loops(path):
@@ -124,3 +126,17 @@ def test_user_loop_over_one_block_rerolls_and_a_read_state_splits_it(tmp_path):
     got = ort.InferenceSession(str(tmp_path / "tapped-rolled.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
     for e, g in zip(expected, got):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def test_export_onnx_writes_one_loop_for_a_user_loop(tmp_path):
+    torch.manual_seed(0)
+    model = Looped(n=4).eval()
+    x = torch.randn(2, 7, 16)
+    module = compiled_program(model, (x,), dynamic_shapes=({0: torch.export.Dim("b", max=64)},))
+    report = adaptc.export_onnx(module, (x,), tmp_path / "looped.onnx")
+    assert report["reroll"]["fired"] == 1 and report["reroll"]["details"]["blocks"] == 4
+    assert report["reroll"]["nodes"]["after"] < report["reroll"]["nodes"]["before"]
+    assert report["verification"]["ok"] and len(loops(tmp_path / "looped.onnx")) == 1
+    feed = {"x": np.random.default_rng(1).standard_normal((5, 7, 16)).astype(np.float32)}
+    [got] = ort.InferenceSession(str(tmp_path / "looped.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)
+    np.testing.assert_allclose(got, model(torch.from_numpy(feed["x"])).detach().numpy(), rtol=1e-5, atol=1e-5)
