@@ -2,9 +2,9 @@
 
     report = adaptc.export_onnx(fast, (ids, mask), "model.onnx")
 
-Whole-graph captures only: the exported program goes through `torch.onnx.export(dynamo=True)` (then the
-ONNX `reroll` rule folds the unrolled calls of a weight-shared block back into one Loop) with
-ONNX forms of the adaptc ops (each kernel folder's `onnx_export.py`):
+Whole-graph captures only: the exported program goes through `torch.onnx.export(dynamo=True)` with
+ONNX forms of the adaptc ops (each kernel folder's `onnx_export.py`), then the ONNX `reroll` rule folds
+the unrolled calls of a weight-shared block (ALBERT's layers) back into one Loop:
 - `adaptc::attention` → ONNX `Attention` (opset 23) with a boolean mask built from causal/window/padding;
 - `adaptc::fused_moe` → standard ops (all experts as two batched MatMuls, combined by the top-k weights).
 Ops without an ONNX form (adaptc::sparse_attention, the early-exit gates) and block-granularity modules
