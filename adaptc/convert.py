@@ -67,13 +67,17 @@ def convert(input_path: str | Path, output_path: str | Path, passes: list[str] |
                               "opset": {"before": default_opset(model)}, "ops_before": _op_counts(model)}
 
     report["cleanup"] = cleanup(model)
-    model, results = _rewrite(model, [p for p in passes if p in PASSES], target, report)
+    rewrites = [p for p in passes if p in PASSES]
+    if "early_exit" in passes and "reroll" in rewrites:  # the exits go between the unrolled layers
+        rewrites.remove("reroll")
+        report["reroll"] = "skipped: early_exit places its exits between the unrolled layers"
+    model, results = _rewrite(model, rewrites, target, report)
     report["fusions"] = [r.to_dict() for r in results]
     prune(model)
     sort(model)
     report["opset"]["after"] = default_opset(model)
     report["nodes"] = {"before": report["cleanup"]["nodes_before"], "after_cleanup": report["cleanup"]["nodes_after"],
-                       "after": model.graph.num_nodes()}
+                       "after": model.graph.num_nodes(), "after_with_subgraphs": sum(1 for _ in model.graph.all_nodes())}
     report["ops_after"] = _op_counts(model)
     feeds = _feeds(original, model, rows, seed, report)
 

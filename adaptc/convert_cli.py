@@ -27,9 +27,10 @@ class BadInput(click.ClickException):
               help="Where to write the converted model (never the input, its external data or the calibration file); "
                    "a model over 2 GB keeps its weights beside it in OUT.onnx.data.")
 @click.option("--force", is_flag=True, help="Replace OUT.onnx if it exists.")
-@click.option("--passes", default="attention,moe", show_default=True,
+@click.option("--passes", default="attention,moe,reroll", show_default=True,
               help="Comma-separated rewrites: attention (MatMul/Softmax/MatMul → one attention op), "
                    "moe (router TopK → gathered expert MatMuls → one MoE op, or per-expert MatMuls), "
+                   "reroll (n copies of one weight-shared block, e.g. ALBERT's layers → one ONNX Loop), "
                    "early_exit (approximate: calibrated exits between layers as ONNX If; needs --calibration).")
 @click.option("--target", type=click.Choice(["standard", "onnxruntime"]), default="standard", show_default=True,
               help="standard: ONNX ops only (Attention, opset 23). onnxruntime: may use com.microsoft "

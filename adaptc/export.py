@@ -3,7 +3,8 @@
     report = adaptc.export_onnx(fast, (ids, mask), "model.onnx")
 
 Whole-graph captures only: the exported program goes through `torch.onnx.export(dynamo=True)` with
-ONNX forms of the adaptc ops (each kernel folder's `onnx_export.py`):
+ONNX forms of the adaptc ops (each kernel folder's `onnx_export.py`), then the ONNX `reroll` rule folds
+the unrolled calls of a weight-shared block (ALBERT's layers) back into one Loop:
 - `adaptc::attention` → ONNX `Attention` (opset 23) with a boolean mask built from causal/window/padding;
 - `adaptc::fused_moe` → standard ops (all experts as two batched MatMuls, combined by the top-k weights).
 Ops without an ONNX form (adaptc::sparse_attention, the early-exit gates) and block-granularity modules
@@ -84,7 +85,8 @@ def export_onnx(module: torch.nn.Module, example_inputs: Any = None, path: str |
             line = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
             raise CaptureError(f"torch.onnx.export failed on the compiled graph: {line[:300]}") from None
     _drop_unused_outputs(onnx_program.model)
-    report: dict[str, Any] = {"path": str(dst), "opset": OPSET,
+    rerolled = _reroll(onnx_program.model)
+    report: dict[str, Any] = {"path": str(dst), "opset": OPSET, "reroll": rerolled,
                               "adaptc_ops": {_op_name(t): n for t, n in used.items()},
                               "onnx_ops": dict(Counter(n.op_type for n in onnx_program.model.graph.all_nodes()).most_common())}
     with staged(dst, overwrite) as tmp:  # a large model's external data is named after `tmp`, so after `dst`
@@ -138,6 +140,16 @@ def _drop_unused_outputs(model) -> None:
         if node.outputs[0].is_graph_output():
             slim.outputs[0].name = node.outputs[0].name
         graph.remove(node, safe=True)
+
+
+def _reroll(model) -> dict[str, Any]:
+    """Tracing unrolled every call of a weight-shared block: fold them back into ONNX Loops (exact; the
+    verification below covers it)."""
+    from .passes.onnx import Reroll, apply_rules
+
+    nodes = sum(1 for _ in model.graph.all_nodes())
+    [result] = apply_rules(model, [Reroll()])
+    return {**result.to_dict(), "nodes": {"before": nodes, "after": sum(1 for _ in model.graph.all_nodes())}}
 
 
 def _weights_bytes(program) -> int:

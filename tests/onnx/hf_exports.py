@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("bert", "gpt2", "llama", "mixtral")
+ARCHS = ("bert", "albert", "gpt2", "llama", "mixtral")
 EXPORTERS = ("dynamo", "torchscript")
 
 
@@ -25,6 +25,10 @@ def hf_config(arch: str, size: str = "tiny"):
     if arch == "bert":
         return tf.BertConfig(vocab_size=128, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
                              intermediate_size=ffn, max_position_embeddings=1024, attn_implementation="sdpa")
+    if arch == "albert":  # one layer group applied num_hidden_layers times: the weight-shared case
+        return tf.AlbertConfig(vocab_size=128, embedding_size=width // 2, hidden_size=width, num_hidden_layers=2 * layers,
+                               num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=1024,
+                               attn_implementation="sdpa")
     if arch == "gpt2":
         return tf.GPT2Config(vocab_size=128, n_embd=width, n_layer=layers, n_head=heads, n_positions=1024,
                              attn_implementation="sdpa")
@@ -47,7 +51,7 @@ class OneOutput(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False) \
-            if self.model.config.model_type != "bert" else self.model(input_ids=input_ids, attention_mask=attention_mask)
+            if self.model.config.model_type not in ("bert", "albert") else self.model(input_ids=input_ids, attention_mask=attention_mask)
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
@@ -56,7 +60,8 @@ def hf_model(arch: str, size: str = "tiny", seed: int = 0) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     config = hf_config(arch, size)
-    model = (tf.BertModel(config) if arch == "bert" else tf.AutoModelForCausalLM.from_config(config)).eval()
+    encoders = {"bert": tf.BertModel, "albert": tf.AlbertModel}
+    model = (encoders[arch](config) if arch in encoders else tf.AutoModelForCausalLM.from_config(config)).eval()
     for name, p in model.named_parameters():  # HF zero-initialises some routers: give them real logits
         if "gate" in name and p.ndim == 2:
             torch.nn.init.normal_(p, std=0.5)

@@ -24,9 +24,11 @@ class RuleResult:
     rule: str
     fired: int = 0
     declined: list[dict[str, str]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)  # what a graph-level rule did, for the report
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "fired": self.fired, "declined": self.declined}
+        return {"rule": self.rule, "fired": self.fired, "declined": self.declined,
+                **({"details": self.details} if self.details else {})}
 
 
 class OnnxRule:
@@ -55,6 +57,9 @@ class OnnxRule:
 def apply_rules(model: ir.Model, rules: Iterable[OnnxRule]) -> list[RuleResult]:
     results = []
     for rule in rules:
+        if hasattr(rule, "apply"):  # a graph-level rule (reroll) walks the graph itself
+            results.append(rule.apply(model))
+            continue
         result = RuleResult(rule.name)
         rule.prepare(model)
         for node in [n for n in model.graph if n.op_type == rule.anchor]:
