@@ -7,6 +7,9 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+import tempfile
+from pathlib import Path
+
 import torch
 
 import adaptc
@@ -67,7 +70,35 @@ def test_distinct_layers_are_declined_with_the_reason(hf_onnx, tmp_path):
     reroll = next(f for f in report["fusions"] if f["rule"] == "reroll")
     assert reroll["fired"] == 0 and not loops(dst)
     [declined] = reroll["declined"]
-    assert "read different weights" in declined["reason"]
+    assert "no weight matrix is read by two places" in declined["reason"]  # the cheap test, before the quadratic search
+
+
+def test_copies_with_their_own_weights_are_declined_with_the_reason():
+    """Past the shared-weight test (one weight read twice), structurally equal layers with weights of
+    their own are still not one block."""
+    import onnx_ir as ir
+
+    from adaptc.passes.onnx.reroll import Reroll
+
+    class Distinct(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(32, 32)
+            self.layers = torch.nn.Sequential(*[torch.nn.Sequential(
+                torch.nn.Linear(32, 32), torch.nn.GELU(), torch.nn.Linear(32, 32), torch.nn.Tanh()) for _ in range(3)])
+
+        def forward(self, x):
+            return self.head(self.layers(self.head(x)))  # `head` read twice: passes the shared-weight test
+
+    torch.manual_seed(0)
+
+    path = Path(tempfile.mkdtemp()) / "distinct.onnx"
+    torch.onnx.export(Distinct().eval(), (torch.randn(2, 32),), str(path), dynamo=False, dynamic_axes={"x": {0: "b"}},
+                      input_names=["x"])
+    result = Reroll().apply(ir.load(path))
+    assert result.fired == 0
+    [declined] = result.declined
+    assert "read different weights" in declined["reason"], declined
 
 
 class Looped(torch.nn.Module):

@@ -27,6 +27,7 @@ from ._rule import OnnxRule, RuleResult, const, replace_output
 from .cleanup import prune, sort
 
 MIN_BODY = 4  # nodes: a repeated Add/Mul pair is not a layer
+MIN_WEIGHT = 256  # elements: below it a shared initializer is a shape or a scalar, not a layer's weight
 COMMUTATIVE = {"Add", "Mul", "And", "Or", "Xor", "Max", "Min", "Sum", "Equal"}
 
 
@@ -49,6 +50,10 @@ class Reroll(OnnxRule):
         prune(model)  # earlier rules leave dead nodes that still read a block's values
         sort(model)  # the walk below reads the node order as a topological one; earlier rules append nodes
         graph = model.graph
+        if not shares_weights(graph):  # the search below is quadratic in the nodes: a cheap test first
+            result.declined.append({"site": "graph", "reason": "no weight matrix is read by two places or stored twice: "
+                                    "no shared block to re-roll"})
+            return result
         loops = []
         while (exact := find_chain(graph, by_content=True)) is not None:  # an encoder and a decoder stack: two
             loops.append({"blocks": len(exact.bodies), "body_nodes": len(exact.bodies[0]), "site": _site(exact)})
@@ -62,6 +67,24 @@ class Reroll(OnnxRule):
                 f"{len(loose.bodies)} structurally identical blocks of {len(loose.bodies[0])} nodes read "
                 "different weights (distinct layers, not shared ones): not re-rolled")})
         return result
+
+
+def shares_weights(graph: ir.Graph, min_elements: int = MIN_WEIGHT) -> bool:
+    """Whether some weight matrix (an initializer of rank 2 or more, `min_elements` or more) is read by
+    two nodes or stored twice with the same content: n copies of one block need that, distinct layers
+    (BERT) do not have it. Vectors are left out: freshly initialised biases and norms are all alike."""
+    seen: set[tuple] = set()
+    for v in graph.initializers.values():
+        t = v.const_value
+        if t is None or len(t.shape) < 2 or int(np.prod(t.shape)) < min_elements:
+            continue
+        if len({id(u.node) for u in v.uses()}) > 1:
+            return True
+        key = (str(t.dtype), tuple(t.shape), hashlib.blake2b(t.tobytes(), digest_size=16).digest())
+        if key in seen:
+            return True
+        seen.add(key)
+    return False
 
 
 def _site(chain: Chain) -> str:
