@@ -224,13 +224,14 @@ def smollm2():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def speed_check_off_unless_asked() -> Iterator[None]:
+def speed_check_and_inductor_off_unless_asked() -> Iterator[None]:
     """compile's speed check measures, and on the toy models tests use a fused rewrite often is slower
     than eager (so it is routed around or rolled back) — on a loaded machine by a margin that varies.
-    Tests of what a pass rewrites leave it out; tests of the speed check pass speed_check=True."""
+    Tests of what a pass rewrites leave it out; tests of the speed check pass speed_check=True.
+    Inductor too (torch.compile takes seconds a model): its own tests pass inductor=True."""
     from adaptc import api
 
     real = api._config_options
     with pytest.MonkeyPatch.context() as mp:  # session-wide: module-scoped fixtures compile too
-        mp.setattr(api, "_config_options", lambda options: {"speed_check": False, **real(options)})
+        mp.setattr(api, "_config_options", lambda options: {"speed_check": False, "inductor": False, **real(options)})
         yield

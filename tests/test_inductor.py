@@ -1,0 +1,92 @@
+"""Dense code through Inductor: compile hands what the passes emit to torch.compile, verified like a
+pass; where torch.compile cannot run the model stays eager and the report says why.
+
+Inductor is off in other tests (tests/conftest.py): compiling takes seconds. These pass inductor=True.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import adaptc
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def fast(llama):
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    return adaptc.compile(llama, example_inputs=(ids,), tune=False, inductor=True)
+
+
+def greedy(model, ids, n=6):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+
+def test_generate_through_inductor_matches_the_original(llama, fast):
+    info = adaptc.report(fast)["inductor"]
+    assert info["enabled"] and info["compiled"] == ["forward"] and info["reason"] == ""
+    assert info["seconds"] > 0
+    for ids in (torch.tensor([[5, 6, 7, 8]]), torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(2))):
+        assert torch.equal(greedy(fast, ids), greedy(llama, ids))
+
+
+def test_inductor_false_leaves_the_model_eager(llama):
+    ids = torch.randint(0, 128, (2, 8))
+    plain = adaptc.compile(llama, example_inputs=(ids,), tune=False, inductor=False)
+    assert adaptc.report(plain)["inductor"] == {"enabled": False}
+    assert "forward" not in plain.__dict__
+
+
+def test_a_model_inductor_cannot_compile_stays_eager_with_the_reason(llama, monkeypatch):
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("inductor could not lower this graph\n(more lines)")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    ids = torch.randint(0, 128, (2, 8))
+    eager = adaptc.compile(llama, example_inputs=(ids,), tune=False, inductor=True)
+    info = adaptc.report(eager)["inductor"]
+    assert info["compiled"] == []
+    assert info["reason"] == "stays eager: RuntimeError: inductor could not lower this graph"
+    assert "forward" not in eager.__dict__
+    assert torch.equal(greedy(eager, ids[:1]), greedy(llama, ids[:1]))
+
+
+def test_serving_contexts_and_two_threads(llama, fast):
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    want = llama(ids).logits.detach()
+    with torch.inference_mode():
+        assert torch.allclose(fast(ids).logits, want, atol=1e-4)
+    with torch.no_grad():
+        assert torch.allclose(fast(ids).logits, want, atol=1e-4)
+    inputs = [torch.randint(0, 128, (1 + i % 2, 6), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    expected = [greedy(llama, x, 4) for x in inputs]
+    got: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+
+    def serve(k: int) -> None:
+        try:
+            for i in range(k, len(inputs), 2):
+                got[i] = greedy(fast, inputs[i], 4)
+        except BaseException as exc:  # surfaced below, on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=serve, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(torch.equal(got[i], expected[i]) for i in range(len(inputs)))
