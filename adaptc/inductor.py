@@ -19,8 +19,10 @@ that raises, or outputs that differ, undo the compile and the report says why; t
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import time
+import types
 import warnings
 from typing import Any
 
@@ -34,16 +36,30 @@ from .runtime.stack_controller import controller_of
 _UNSET = object()
 
 
+def _calling(fn: Any) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+    return forward
+
+
 class Compiled:
-    """The forwards replaced by compiled ones (instance attributes), so they can be put back."""
+    """The forwards replaced by compiled ones (instance attributes), so they can be put back.
+
+    Dynamo keeps its graphs, and its recompile limit (8), per code object: the compiled forwards call
+    the original through a code object of this compile's own, so a torch.compile of the same model
+    class elsewhere in the process shares neither; the blocks of one stack share theirs (one graph)."""
 
     def __init__(self) -> None:
         self.saved: list[tuple[nn.Module, Any]] = []
         self.what: list[str] = []
+        self._code = _calling(None).__code__.replace()
 
     def add(self, label: str, module: nn.Module) -> None:
         self.saved.append((module, module.__dict__.get("forward", _UNSET)))
-        module.forward = torch.compile(module.forward, dynamic=True)
+        proto = _calling(module.forward)
+        own = types.FunctionType(self._code, proto.__globals__, "forward", None, proto.__closure__)
+        functools.update_wrapper(own, module.forward)  # generate() reads forward's signature
+        module.forward = torch.compile(own, dynamic=True)
         self.what.append(label)
 
     def undo(self) -> None:
@@ -136,7 +152,7 @@ def _dense_leaf(root: nn.Module, name: str, module: nn.Module) -> bool:
 
 
 def _is_attention(name: str, module: nn.Module) -> bool:
-    return "attn" in name.lower() or "attention" in name.lower() or "attention" in type(module).__name__.lower()
+    return name.lower().endswith(("attn", "attention")) or "attention" in type(module).__name__.lower()
 
 
 def _summary(what: list[str]) -> list[str]:

@@ -32,10 +32,7 @@ def check(ctx: CompileContext, emitted: nn.Module, manager: PassManager, results
     """compiled: what Inductor compiled (inductor.Compiled), undone last when blocks are still slower."""
     sizes = _sizes(ctx)
     applied = any(r.status == "applied" for r in results) or compiled is not None
-    if compiled is not None:  # torch.compile is lazy: a size's first call may compile, never timed
-        with torch.no_grad():
-            for _, call, _ in sizes:
-                call(emitted)()
+    _warm(compiled, sizes, emitted)
     deadline = time.perf_counter() + SECONDS
     with torch.no_grad():
         if isinstance(emitted, CompiledModule):
@@ -121,6 +118,18 @@ def _roll_back(ctx: CompileContext, manager: PassManager, results: list[PassResu
         if undone is None:
             return {"sizes": rows, "rolled_back": rolled}
         rolled.append({"pass": undone.name, "sizes": {r["size"]: r["ratio"] for r in rows if "ratio" in r}})
+        deadline += _warm(compiled, sizes, ctx.working)  # the compiled forward retraces the rolled-back model
+
+
+def _warm(compiled: Any, sizes: list, module: nn.Module) -> float:
+    """torch.compile is lazy: each size's first call may compile; it is made here, untimed (seconds taken)."""
+    if compiled is None or not compiled.saved:
+        return 0.0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _, call, _ in sizes:
+            call(module)()
+    return time.perf_counter() - start
 
 
 def _confirmed(fns: dict[str, Callable[[], Any]], slower: Callable[[dict[str, float]], bool],

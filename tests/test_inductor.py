@@ -90,3 +90,66 @@ def test_serving_contexts_and_two_threads(llama, fast):
         t.join()
     assert not errors
     assert all(torch.equal(got[i], expected[i]) for i in range(len(inputs)))
+
+
+def test_an_exported_graph_through_inductor_matches_the_original():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    fast = adaptc.compile(model, example_inputs={"input_ids": ids, "attention_mask": mask}, tune=False, inductor=True)
+    rep = adaptc.report(fast)
+    assert rep["capture"]["granularity"] == "graph"
+    assert rep["inductor"]["compiled"] == ["graph"], rep["inductor"]
+    other = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got, want = fast(input_ids=other, attention_mask=torch.ones_like(other)).logits, model(input_ids=other).logits
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_gated_blocks_compile_their_dense_parts_and_keep_the_policies(llama):
+    """With a StackController on the stack (policies decide in Python between blocks), the blocks'
+    MLPs and norms and the final norm + head are compiled; the attention (the KV cache) stays eager."""
+    import copy
+
+    from adaptc import inductor
+    from adaptc.analysis.kv_projection import kv_projection_for
+    from adaptc.capture.inputs import Inputs
+    from adaptc.config import CompileConfig
+    from adaptc.passes._base import CompileContext
+    from adaptc.runtime.stack_controller import StackPolicy, install_policy
+
+    class Watch(StackPolicy):  # acts before every block, skips nothing: outputs stay the original's
+        name = "watch"
+
+        def __init__(self):
+            self.calls = 0
+
+        def acts_before(self, i):
+            return True
+
+        def skip(self, state, i, h, where):
+            self.calls += 1
+            return None
+
+    gated = copy.deepcopy(llama)
+    watch = Watch()
+    install_policy(gated.model.layers, watch, kv_projection_for(gated.model.layers))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(5))
+    ctx = CompileContext(original=llama, working=gated, inputs=Inputs.of((ids,)), check_inputs=[Inputs.of((ids,))],
+                         config=CompileConfig(inductor=True))
+    info, compiled = inductor.apply(ctx, gated)
+    assert info["mode"] == "blocks" and info["reason"] == "", info
+    assert info["compiled"] == ["model.layers.{0..1}.mlp", "model.layers.{0..1}.input_layernorm",
+                                "model.layers.{0..1}.post_attention_layernorm", "model.norm", "lm_head"], info
+    assert "forward" in gated.model.layers[0].mlp.__dict__ and "forward" not in gated.model.layers[0].self_attn.__dict__
+    before = watch.calls
+    prompt = torch.tensor([[9, 8, 7]])
+    assert torch.equal(greedy(gated, prompt), greedy(llama, prompt))
+    assert watch.calls > before  # the policy still runs between the compiled blocks
+    compiled.undo()
+    assert "forward" not in gated.model.layers[0].mlp.__dict__
