@@ -153,3 +153,27 @@ def test_gated_blocks_compile_their_dense_parts_and_keep_the_policies(llama):
     assert watch.calls > before  # the policy still runs between the compiled blocks
     compiled.undo()
     assert "forward" not in gated.model.layers[0].mlp.__dict__
+
+
+def test_the_speed_check_never_times_a_call_that_compiles(llama, monkeypatch):
+    """torch.compile is lazy: a size's first call compiles. The speed check warms every size up first,
+    so no timed call builds a graph (one would make Inductor look slower than eager and roll it back)."""
+    from torch._dynamo.utils import counters
+
+    from adaptc import speed_check
+
+    real, compiled_while_timed = speed_check._timed, []
+
+    def timed(fn):
+        before = counters["stats"]["unique_graphs"]
+        seconds = real(fn)
+        compiled_while_timed.append(counters["stats"]["unique_graphs"] - before)
+        return seconds
+
+    monkeypatch.setattr(speed_check, "_timed", timed)
+    ids = torch.randint(0, 128, (3, 8), generator=torch.Generator().manual_seed(6))
+    fast = adaptc.compile(llama, example_inputs=(ids,), tune=False, inductor=True, speed_check=True)
+    rep = adaptc.report(fast)
+    assert rep["inductor"]["mode"] == "forward"
+    assert {r["size"] for r in rep["speed_check"]["sizes"]} >= {"example", "one_row", "decode"}
+    assert compiled_while_timed and not any(compiled_while_timed)
