@@ -108,6 +108,22 @@ def apply(ctx: CompileContext, emitted: nn.Module) -> tuple[dict[str, Any], Comp
             "reason": ""}, compiled
 
 
+def reapply(module: nn.Module, info: dict[str, Any]) -> Compiled | None:
+    """adaptc.load: compile what the saved compile had compiled (verified then; lazy again now)."""
+    if not info.get("compiled") or unavailable() is not None:
+        return None
+    compiled = Compiled()
+    if info.get("mode") == "graph" and isinstance(module, CompiledModule):
+        compiled.add("graph", module.graph)
+    elif info.get("mode") == "forward":
+        compiled.add("forward", module)
+    elif info.get("mode") == "blocks":
+        for name, sub in module.named_modules():
+            if name and _dense_leaf(module, name, sub):
+                compiled.add(name, sub)
+    return compiled
+
+
 def _warm_and_verify(ctx: CompileContext, emitted: nn.Module) -> str | None:
     """The check inputs (compiling on the way) against the original, then a short generate()."""
     try:

@@ -177,3 +177,12 @@ def test_the_speed_check_never_times_a_call_that_compiles(llama, monkeypatch):
     assert rep["inductor"]["mode"] == "forward"
     assert {r["size"] for r in rep["speed_check"]["sizes"]} >= {"example", "one_row", "decode"}
     assert compiled_while_timed and not any(compiled_while_timed)
+
+
+def test_load_compiles_again_what_compile_compiled(fast, llama, tmp_path):
+    adaptc.save(fast, tmp_path / "m.adaptc")
+    loaded = adaptc.load(tmp_path / "m.adaptc")
+    assert adaptc.report(loaded)["inductor"]["compiled"] == ["forward"]
+    assert "forward" in loaded.__dict__
+    ids = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(greedy(loaded, ids), greedy(llama, ids))

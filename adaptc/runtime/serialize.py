@@ -98,6 +98,9 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
         raise SaveLoadError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, RuntimeError, ValueError) as exc:
         raise SaveLoadError(f"{path}: not a readable adaptc file ({type(exc).__name__}: {exc})") from None
+    from ..inductor import reapply
+
+    reapply(module, state.report.get("inductor", {}))  # what compile handed to Inductor, lazily again
     return attach(module, state)
 
 
