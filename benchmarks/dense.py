@@ -102,6 +102,8 @@ def _logits(m, inputs):
 
 def bench_row(row: str, args) -> dict:
     warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, example, call, work, unit = row_setup(row, args)
     models, compile_s = {"eager": model}, {}
     start = time.perf_counter()
@@ -210,6 +212,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--quick", action="store_true", help="2 rounds, 8 new tokens, no kernel tuning: a smoke run")
     ap.add_argument("--no-compile-time", action="store_true", help="skip SmolLM2's cold/warm compile times")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in each row (default torch's). On a loaded machine 2 threads on 2 cores "
+                         "wait on each other (OpenMP barriers): 1 thread gives steadier ratios")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     rows = [r for r in args.rows if r != "none"]
@@ -219,21 +224,28 @@ def main() -> None:
         args.rounds, args.new_tokens, args.min_seconds = 2, 8, 0.2
     device = "cuda" if torch.cuda.is_available() else "cpu"
     doc = {"benchmark": "dense", "device": device_name(device), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "args": vars(args) | {"out": str(args.out)}}
+           "threads": args.threads or torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "args": vars(args) | {"out": str(args.out)}}
     previous = args.out / f"dense-{slug(doc['device'])}.json"
     old = json.loads(previous.read_text()) if previous.exists() else {}
     # A rerun of some rows keeps the others' last results on this device.
     done = {r["row"]: r for r in old.get("rows", []) if r["row"] not in rows}
+    doc["compile"] = old.get("compile")
     ctx = multiprocessing.get_context("spawn")
-    for row in rows:
+    for row in rows:  # results are written after every row: a long run stopped early keeps what it did
         with ctx.Pool(1) as pool:
             done[row] = pool.apply(bench_row, (row, args))
         print(json.dumps({k: done[row][k] for k in ("row", "eager_per_s", "torch_compile_per_s", "adaptc_per_s",
                                                      "vs_eager", "vs_torch_compile")}), flush=True)
+        write(doc, done, args.out)
+    if not args.no_compile_time:
+        doc["compile"] = compile_times()
+    write(doc, done, args.out)
+
+
+def write(doc: dict, done: dict, out: Path) -> None:
     doc["rows"] = [done[r] for r in ROWS if r in done]
-    doc["compile"] = compile_times() if not args.no_compile_time else old.get("compile")
     doc["targets"] = targets(doc)
-    write_results(args.out, "dense", doc["device"], doc, markdown(doc))
+    write_results(out, "dense", doc["device"], doc, markdown(doc))
 
 
 if __name__ == "__main__":
