@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import passes as pass_registry
-from . import speed_check
+from . import inductor, speed_check
 from ._version import VERSION
 from .capture.guards import size_one_floors
 from .capture.inputs import Inputs, check_inputs
@@ -85,7 +85,10 @@ def compile(
         tuning = _tune(ctx) if config.tune else {"measured": 0, "cache_hits": 0, "kernels": []}
         keeps = [r.name for r, p in zip(results, selected) if r.status == "applied" and p.keeps_blocks]
         emitted, capture_info = _emit(ctx, verification, keeps)
-        speed = speed_check.check(ctx, emitted, manager, results) if config.speed_check else {"enabled": False}
+        dense, compiled = inductor.apply(ctx, emitted)
+        speed = speed_check.check(ctx, emitted, manager, results, compiled) if config.speed_check else {"enabled": False}
+        if any(r["pass"] == "inductor" for r in speed.get("rolled_back", [])):
+            dense.update(compiled=[], reason="the speed check undid it: the compiled model was slower")
         if capture_info["granularity"] == "blocks":
             emitted = ctx.working  # what the speed check left (it may have rolled passes back)
             undone = [r["pass"] for r in speed.get("rolled_back", []) if r["pass"] in keeps]
@@ -104,6 +107,7 @@ def compile(
         "verification": verification,
         "tuning": tuning,
         "speed_check": speed,
+        "inductor": dense,
         "compile_seconds": round(time.perf_counter() - start, 3),
     }
     plan = {r.name: {path: site_plan.to_dict() for path, site_plan in r.plans.items()}

@@ -30,6 +30,11 @@ class CompileConfig:
     # Time the result against the original (example size, one row, a decode step); a size it is slower at
     # is routed to the faster module (graphs) or the last pass is rolled back (blocks).
     speed_check: bool = True
+    # Hand what the passes emit to torch.compile (Inductor, dynamic shapes): the whole forward, the
+    # graph, or the dense parts of gated blocks; verified like a pass, eager with the reason if it fails.
+    # Opt-in for now: on CPU it adds minutes to an LLM's compile and does not yet beat torch.compile
+    # (adaptc::attention stays opaque to it; benchmarks/results/dense-*.md).
+    inductor: bool = False
     # Progress bars for the long steps (distillation, tuning): None shows them when stderr is a
     # terminal, else one summary line a step; True always; False never, and no summary lines either.
     progress: bool | None = None

@@ -27,10 +27,13 @@ ROUNDS = 5
 SECONDS = 3.0            # the whole check; sizes past it are reported unmeasured
 
 
-def check(ctx: CompileContext, emitted: nn.Module, manager: PassManager, results: list[PassResult]) -> dict[str, Any]:
-    deadline = time.perf_counter() + SECONDS
+def check(ctx: CompileContext, emitted: nn.Module, manager: PassManager, results: list[PassResult],
+          compiled: Any = None) -> dict[str, Any]:
+    """compiled: what Inductor compiled (inductor.Compiled), undone last when blocks are still slower."""
     sizes = _sizes(ctx)
-    applied = any(r.status == "applied" for r in results)
+    applied = any(r.status == "applied" for r in results) or compiled is not None
+    _warm(compiled, sizes, emitted)
+    deadline = time.perf_counter() + SECONDS
     with torch.no_grad():
         if isinstance(emitted, CompiledModule):
             return {"enabled": True, "granularity": "graph",
@@ -38,7 +41,7 @@ def check(ctx: CompileContext, emitted: nn.Module, manager: PassManager, results
         if not applied:  # the blocks are the original's
             return {"enabled": True, "granularity": "blocks", "sizes": [], "rolled_back": [],
                     "note": "no pass applied: the compiled model runs the original's code"}
-        return {"enabled": True, "granularity": "blocks", **_roll_back(ctx, manager, results, sizes, deadline)}
+        return {"enabled": True, "granularity": "blocks", **_roll_back(ctx, manager, results, sizes, deadline, compiled)}
 
 
 def _sizes(ctx: CompileContext) -> list[tuple[str, Callable[[nn.Module], Callable[[], Any]], Inputs | None]]:
@@ -90,7 +93,7 @@ def _route(ctx: CompileContext, emitted: CompiledModule, size: tuple, applied: b
 
 
 def _roll_back(ctx: CompileContext, manager: PassManager, results: list[PassResult], sizes: list,
-               deadline: float) -> dict[str, Any]:
+               deadline: float, compiled: Any = None) -> dict[str, Any]:
     rolled: list[dict[str, Any]] = []
     while True:
         rows, slower = [], []
@@ -108,9 +111,25 @@ def _roll_back(ctx: CompileContext, manager: PassManager, results: list[PassResu
             return {"sizes": rows, "rolled_back": rolled}
         ratios = ", ".join(f"{r['size']} {r['ratio']:.2f}x" for r in slower)
         undone = manager.roll_back_last(ctx, results, f"speed check: the compiled model was slower ({ratios})")
+        if undone is None and compiled is not None and compiled.saved:  # no pass left: Inductor goes last
+            compiled.undo()
+            rolled.append({"pass": "inductor", "sizes": {r["size"]: r["ratio"] for r in rows if "ratio" in r}})
+            continue
         if undone is None:
             return {"sizes": rows, "rolled_back": rolled}
         rolled.append({"pass": undone.name, "sizes": {r["size"]: r["ratio"] for r in rows if "ratio" in r}})
+        deadline += _warm(compiled, sizes, ctx.working)  # the compiled forward retraces the rolled-back model
+
+
+def _warm(compiled: Any, sizes: list, module: nn.Module) -> float:
+    """torch.compile is lazy: each size's first call may compile; it is made here, untimed (seconds taken)."""
+    if compiled is None or not compiled.saved:
+        return 0.0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _, call, _ in sizes:
+            call(module)()
+    return time.perf_counter() - start
 
 
 def _confirmed(fns: dict[str, Callable[[], Any]], slower: Callable[[dict[str, float]], bool],

@@ -227,7 +227,8 @@ def smollm2():
 def speed_check_off_unless_asked() -> Iterator[None]:
     """compile's speed check measures, and on the toy models tests use a fused rewrite often is slower
     than eager (so it is routed around or rolled back) — on a loaded machine by a margin that varies.
-    Tests of what a pass rewrites leave it out; tests of the speed check pass speed_check=True."""
+    Tests of what a pass rewrites leave it out; tests of the speed check pass speed_check=True.
+    (Inductor is off by default; its own tests pass inductor=True.)"""
     from adaptc import api
 
     real = api._config_options

@@ -73,6 +73,11 @@ def size_one_floors(graph: nn.Module, original: nn.Module, inputs: Inputs, shape
     batch, seq = inputs.batch_seq()
     names = {"batch": first[0][0] if first and isinstance(first[0], tuple) else None,
              "sequence": first[1][0] if seq is not None and len(first) > 1 and isinstance(first[1], tuple) else None}
+    # export may name another input's batch / sequence dims apart (an attention mask): the probe
+    # resizes them all, so what holds for the first tensor's symbol holds for theirs
+    tensors = [x for x in pytree.tree_leaves((inputs.args, inputs.kwargs)) if isinstance(x, torch.Tensor)]
+    roles = {role: {s[d][0] for s, x in zip(shapes, tensors) if len(s) > d and isinstance(s[d], tuple) and x.shape[d] == n}
+             for role, d, n in (("batch", 0, batch), ("sequence", 1, seq)) if n is not None}
     gen = torch.Generator().manual_seed(seed)
     found: dict[str, str] = {}
     ones: set[str] = set()
@@ -84,7 +89,7 @@ def size_one_floors(graph: nn.Module, original: nn.Module, inputs: Inputs, shape
         found[role] = "graph" if ok else ("eager: the graph differs from the model at size 1" if verify
                                           else "eager: not verified at size 1")
         if ok:
-            ones.add(symbol)
+            ones.update(roles.get(role, set()) | {symbol})
 
     def floor(dim: Any) -> Any:
         if not isinstance(dim, tuple):

@@ -121,6 +121,9 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
     except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, RuntimeError, ValueError) as exc:
         message = " ".join(str(exc).split())[:300]  # torch's messages span lines (load_state_dict's lists keys)
         raise SaveLoadError(f"{path}: not a readable adaptc file ({type(exc).__name__}: {message})") from None
+    from ..inductor import reapply
+
+    reapply(module, state.report.get("inductor", {}))  # what compile handed to Inductor, lazily again
     return attach(module, state)
 
 

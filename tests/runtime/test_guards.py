@@ -84,3 +84,19 @@ def test_a_graph_that_checks_its_own_guards_routes_their_failures_to_eager():
         fast.graph(x)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x))
+
+
+def test_a_one_row_example_with_a_mask_runs_the_graph_at_one_row():
+    """export names the mask's dims apart from the ids'; the one-row probe covers both, so a one-row
+    call (the example's own size) runs the graph, not the eager fallback."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import adaptc
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    fast = adaptc.compile(model, example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tune=False)
+    assert adaptc.report(fast)["capture"]["granularity"] == "graph"
+    assert fast.accepts((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})

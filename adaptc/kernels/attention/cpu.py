@@ -36,7 +36,7 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
     if key_padding is not None:  # keys no batch row uses at either end are never read
         used = key_padding.any(0).nonzero()
         real_lo, real_hi = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, 0)
-    out = q.new_zeros(q.shape)
+    out = q.new_zeros((B, Lq, Hq, D)).transpose(1, 2)  # the op's layout (op.py)
     for i0 in range(0, Lq, block):
         i1 = min(Lq, i0 + block)
         lo, hi = key_range(i0, i1, Lk, causal, window, q_offset)

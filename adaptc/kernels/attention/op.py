@@ -22,9 +22,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: to
     kernel = KERNELS[KERNEL_NAME]
     impl, fn = kernel.select(q.device.type, *args)
     note_call(kernel, impl, args)
-    return fn(*args)
+    out = fn(*args)
+    if out.stride() != _strides(q):  # one layout, the one the fake promises: Inductor asserts it
+        out = _layout(q).copy_(out)
+    return out
 
 
 @attention.register_fake
 def _(q, k, v, key_padding, mask, scale, causal, window, q_offset):
-    return torch.empty_like(q)
+    return _layout(q)
+
+
+def _layout(q: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] stored as [B, L, H, D] (SDPA's CPU flash output): the caller's transpose back to
+    [B, L, H*D] is then free."""
+    B, H, L, D = q.shape
+    return q.new_empty((B, L, H, D)).transpose(1, 2)
+
+
+def _strides(q: torch.Tensor) -> tuple[int, ...]:
+    B, H, L, D = q.shape
+    return (L * H * D, D, H * D, 1)
