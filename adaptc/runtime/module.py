@@ -93,12 +93,10 @@ class CompiledModule(nn.Module):
             return self.graph(*args, **kwargs)
         route = self.routes.get(self.size_class(args, kwargs), "graph") if self.routes else "graph"
         if route == "graph" and self.accepts(args, kwargs):
-            if self.guards is not None:
-                return self.graph(*args, **kwargs)
             try:
                 return self.graph(*args, **kwargs)
-            except AssertionError as exc:  # torch's own guard check, before the graph computes anything
-                if "Guard failed" not in str(exc):
+            except AssertionError as exc:  # torch's own guard check (guards None), before the graph computes
+                if self.guards is not None or "Guard failed" not in str(exc):
                     raise
         return (self.original if route == "original" else self.eager)(*args, **kwargs)
 
