@@ -60,6 +60,7 @@ PROBLEMS = {
                   "padded": True},
     "sparse_attention": {"B": 1, "Hq": 2, "Hkv": 1, "Lq": 40, "Lk": 40, "D": 16, "block": 8, "blocks": 3},
     "exit_confidence": {"N": 8, "V": 48, "D": 32, "bias": True},
+    "linear": {"M": 6, "K": 48, "N": 40, "bias": True},
 }
 
 

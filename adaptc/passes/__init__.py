@@ -24,6 +24,7 @@ _LAZY = {
     "SdpaFusion": "sdpa_fusion", "SdpaFusionConfig": "sdpa_fusion",
     "EagerAttentionFusion": "eager_attention_fusion", "EagerAttentionFusionConfig": "eager_attention_fusion",
     "EarlyExit": "early_exit", "EarlyExitConfig": "early_exit",
+    "TunedLinear": "tuned_linear", "TunedLinearConfig": "tuned_linear",
 }
 
 
@@ -40,11 +41,13 @@ def registry() -> dict[str, type[Pass]]:
     from .moe_fusion import MoEFusion
     from .sdpa_fusion import SdpaFusion
     from .sparse_attention import SparseAttention
+    from .tuned_linear import TunedLinear
 
     # attention_fusion first: what it takes over no longer calls SDPA for sdpa_fusion to find;
-    # sparse_attention falls back to its exact op where a pattern does not apply.
+    # sparse_attention falls back to its exact op where a pattern does not apply; tuned_linear after
+    # the fusions (it leaves the graphs they export alone), before the approximate passes that fit heads.
     return {p.name: p for p in (MoEFusion, AttentionFusion, SparseAttention, SdpaFusion, EagerAttentionFusion,
-                                EarlyExit)}
+                                TunedLinear, EarlyExit)}
 
 
 def config_classes() -> dict[str, type[PassConfig]]:
