@@ -34,9 +34,11 @@ def onnx_translations() -> dict[Any, Any]:
     """adaptc op overload → the onnxscript function that writes its ONNX form."""
     from . import kernels  # noqa: F401  (registers the adaptc:: ops)
     from .kernels.attention.onnx_export import onnx_attention
+    from .kernels.linear.onnx_export import onnx_linear
     from .kernels.moe.onnx_export import onnx_fused_moe
 
-    return {torch.ops.adaptc.attention.default: onnx_attention, torch.ops.adaptc.fused_moe.default: onnx_fused_moe}
+    return {torch.ops.adaptc.attention.default: onnx_attention, torch.ops.adaptc.fused_moe.default: onnx_fused_moe,
+            torch.ops.adaptc.linear.default: onnx_linear}
 
 
 def export_onnx(module: torch.nn.Module, example_inputs: Any = None, path: str | os.PathLike = "model.onnx",

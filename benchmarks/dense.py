@@ -1,4 +1,4 @@
-"""Dense models: `adaptc.compile` (exact passes, Inductor on) vs Hugging Face eager and torch.compile, one run.
+"""Dense models: `adaptc.compile` (exact passes; `--inductor`: with Inductor) vs Hugging Face eager and torch.compile, one run.
 
     .venv/bin/python benchmarks/dense.py                          # every row + SmolLM2 compile times
     .venv/bin/python benchmarks/dense.py --rows smollm2_decode_b1 --quick
@@ -11,8 +11,8 @@ Rows (one process each, so one row's compiled graphs and caches do not sit under
   gpt2_decode_b1            GPT-2 from a GPT2Config (6 layers, 384 wide, random seeded weights), greedy, tokens/s
 Variants, all in one process and timed in interleaved rounds (median of the rounds), so a burst of
 load on the shared machine hits them all: `eager` (the model as loaded), `torch_compile`
-(`torch.compile(model.forward, dynamic=True)`) and `adaptc` (`adaptc.compile(model, example, inductor=True)`:
-exact passes, Inductor, speed check). Every variant's output is checked against eager first.
+(`torch.compile(model.forward, dynamic=True)`) and `adaptc` (`adaptc.compile(model, example)`:
+exact passes, tuning, speed check; `--inductor` adds inductor=True). Every variant's output is checked against eager first.
 
 Compile time: `adaptc.compile` of SmolLM2 in a fresh process with an empty Inductor cache (cold) and
 again in a second process with that cache (warm). Targets (CPU): adaptc >= 1.0x torch.compile and
@@ -111,7 +111,7 @@ def bench_row(row: str, args) -> dict:
     call(models["torch_compile"])  # torch.compile is lazy: the first call compiles
     compile_s["torch_compile"] = time.perf_counter() - start
     start = time.perf_counter()
-    models["adaptc"] = adaptc.compile(model, example_inputs=example, tune=not args.quick, inductor=True)
+    models["adaptc"] = adaptc.compile(model, example_inputs=example, tune=not args.quick, inductor=args.inductor)
     call(models["adaptc"])
     compile_s["adaptc"] = time.perf_counter() - start
     rep = adaptc.report(models["adaptc"])
@@ -147,19 +147,19 @@ def compile_child() -> None:
     model, _ = smollm2()
     ids = torch.randint(100, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    fast = adaptc.compile(model, example_inputs=(ids,), inductor=True)
+    fast = adaptc.compile(model, example_inputs=(ids,), inductor="--inductor" in sys.argv)
     seconds = time.perf_counter() - start
     rep = adaptc.report(fast)
     print(json.dumps({"seconds": round(seconds, 1), "inductor": rep["inductor"],
                       "tuning_measured": rep["tuning"]["measured"]}))
 
 
-def compile_times() -> dict:
+def compile_times(inductor: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor", "ADAPTC_CACHE_DIR": f"{tmp}/adaptc"}
         runs = []
         for _ in ("cold", "warm"):
-            out = subprocess.run([sys.executable, __file__, "--compile-child"], env=env, capture_output=True, text=True,
+            out = subprocess.run([sys.executable, __file__, "--compile-child", *(["--inductor"] if inductor else [])], env=env, capture_output=True, text=True,
                                  check=True, cwd=Path(__file__).parent)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {"cold": runs[0], "warm": runs[1], "cold_seconds": runs[0]["seconds"], "warm_seconds": runs[1]["seconds"]}
@@ -182,7 +182,7 @@ def targets(doc: dict) -> list[str]:
 def markdown(doc: dict) -> str:
     out = [f"# Dense models: adaptc vs eager and torch.compile on {doc['device']}", "",
            f"torch {doc['torch']}, {doc['threads']} threads, {doc['date']}; {doc['args']['rounds']} interleaved rounds "
-           f"(median), {doc['args']['new_tokens']} new tokens a decode.{' Quick mode.' if doc['args']['quick'] else ''}", "",
+           f"(median), {doc['args']['new_tokens']} new tokens a decode; adaptc with inductor={bool(doc['args'].get('inductor'))}.{' Quick mode.' if doc['args']['quick'] else ''}", "",
            "| row | unit | eager | torch.compile | adaptc | adaptc / eager | adaptc / torch.compile | "
            "compile s (torch.compile / adaptc) | adaptc ran |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -215,6 +215,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads in each row (default torch's). On a loaded machine 2 threads on 2 cores "
                          "wait on each other (OpenMP barriers): 1 thread gives steadier ratios")
+    ap.add_argument("--inductor", action="store_true",
+                    help="compile with inductor=True (opt-in: minutes of compile for an LLM on a CPU)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     rows = [r for r in args.rows if r != "none"]
@@ -238,7 +240,7 @@ def main() -> None:
                                                      "vs_eager", "vs_torch_compile")}), flush=True)
         write(doc, done, args.out)
     if not args.no_compile_time:
-        doc["compile"] = compile_times()
+        doc["compile"] = compile_times(args.inductor)
     write(doc, done, args.out)
 
 

@@ -196,15 +196,15 @@ def isolated_cache(tmp_path, monkeypatch) -> Iterator[None]:
     """Every test gets a fresh tuning cache directory, no shared URL and no tuned configs in memory:
     tests never read or write the user's real cache, nor each other's."""
     from adaptc.cache import reset_default_cache
-    from adaptc.kernels._registry import _CONFIGS
+    from adaptc.kernels._registry import clear_configs
 
     monkeypatch.setenv("ADAPTC_CACHE_DIR", str(tmp_path / "adaptc-cache"))
     monkeypatch.delenv("ADAPTC_CACHE_URL", raising=False)
     reset_default_cache()
-    _CONFIGS.clear()
+    clear_configs()
     yield
     reset_default_cache()
-    _CONFIGS.clear()
+    clear_configs()
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,7 @@ def test_report_is_json_and_has_the_contract_fields():
     fast = adaptc.compile(nn.Linear(3, 3), example_inputs=(torch.randn(2, 3),))
     report = json.loads(json.dumps(adaptc.report(fast)))
     assert set(report) >= {"passes", "verification", "tuning"}
-    assert report["tuning"] == {"measured": 0, "cache_hits": 0, "kernels": []}  # no adaptc kernels in a Linear
+    assert [k["kernel"] for k in report["tuning"]["kernels"]] == ["linear"]  # tuned_linear's GEMM choice
     assert {"name", "status", "sites", "reason"} <= set(report["passes"][0])
 
 

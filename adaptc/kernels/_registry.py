@@ -203,6 +203,17 @@ def kernel_preference(pref: KernelPreference | str):
 # per new problem; kernels fall back to their default.
 _CONFIGS: dict[tuple, dict[str, Any] | None] = {}
 _config_source: list[Callable[[str, str, dict[str, Any], str], dict[str, Any] | None]] = []
+_generation = [0]  # bumped whenever a memoised config may change: callers may memoise config_for on it
+
+
+def configs_generation() -> int:
+    return _generation[0]
+
+
+def clear_configs() -> None:
+    """Forget every memoised config (tests; a new cache source does this too)."""
+    _CONFIGS.clear()
+    _generation[0] += 1
 
 
 def _key(kernel: str, impl: str, problem: dict[str, Any], device_type: str) -> tuple:
@@ -221,12 +232,13 @@ def config_for(kernel: str, impl: str, problem: dict[str, Any], device_type: str
 
 def set_config(kernel: str, impl: str, problem: dict[str, Any], device_type: str, config: dict[str, Any]) -> None:
     _CONFIGS[_key(kernel, impl, problem, device_type)] = dict(config)
+    _generation[0] += 1
 
 
 def set_config_source(source: Callable[[str, str, dict[str, Any], str], dict[str, Any] | None] | None) -> None:
     """Where config_for looks for configs it has not seen (None: nowhere). Forgets what it memoised."""
     _config_source[:] = [source] if source is not None else []
-    _CONFIGS.clear()
+    clear_configs()
 
 
 def config_source() -> Callable[[str, str, dict[str, Any], str], dict[str, Any] | None] | None:
@@ -247,6 +259,14 @@ def trace_calls():
         yield calls
     finally:
         _trace.reset(token)
+
+
+def tracing_calls() -> bool:
+    return _trace.get() is not None
+
+
+def kernel_preference_now() -> KernelPreference:
+    return _preference.get()
 
 
 def note_call(kernel: Kernel, impl: str, args: tuple) -> None:

@@ -43,11 +43,13 @@ def registry() -> dict[str, type[Pass]]:
     from .sparse_attention import SparseAttention
     from .tuned_linear import TunedLinear
 
-    # attention_fusion first: what it takes over no longer calls SDPA for sdpa_fusion to find;
-    # sparse_attention falls back to its exact op where a pattern does not apply; tuned_linear after
-    # the fusions (it leaves the graphs they export alone), before the approximate passes that fit heads.
-    return {p.name: p for p in (MoEFusion, AttentionFusion, SparseAttention, SdpaFusion, EagerAttentionFusion,
-                                TunedLinear, EarlyExit)}
+    # tuned_linear after moe_fusion (which reads the experts' own layers) and before the attention
+    # fusions: at block granularity the speed check rolls back the most recent pass first, and the
+    # attention op is the one that can lose (decode steps on a CPU). attention_fusion before
+    # sdpa_fusion: what it takes over no longer calls SDPA for sdpa_fusion to find; sparse_attention
+    # falls back to its exact op where a pattern does not apply.
+    return {p.name: p for p in (MoEFusion, TunedLinear, AttentionFusion, SparseAttention, SdpaFusion,
+                                EagerAttentionFusion, EarlyExit)}
 
 
 def config_classes() -> dict[str, type[PassConfig]]:

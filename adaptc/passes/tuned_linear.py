@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import kernels  # noqa: F401  (registers adaptc::linear)
+from ..kernels.linear.op import run_linear, traced
 from ..kernels.linear.space import PACKED_DTYPES
 from ..runtime.module import CompiledModule
 from ._base import CompileContext, ModuleEdit, Pass, Plan, Site
@@ -34,6 +35,12 @@ def _around(cls: type, layer: nn.Module, *sizes: str) -> nn.Module:
     return new.train(layer.training)
 
 
+def on_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if traced(x) or (torch.is_grad_enabled() and weight.requires_grad):
+        return torch.ops.adaptc.linear(x, weight, bias)
+    return run_linear(x, weight, bias)
+
+
 class AdaptcLinear(nn.Linear):
     """nn.Linear on adaptc::linear."""
 
@@ -42,7 +49,7 @@ class AdaptcLinear(nn.Linear):
         return _around(cls, linear, "in_features", "out_features")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.adaptc.linear(x, self.weight, self.bias)
+        return on_op(x, self.weight, self.bias)
 
 
 try:  # transformers' Conv1D: GPT-2's layers, a linear with its weight stored [in, out]
@@ -59,7 +66,7 @@ if Conv1D is not None:
             return _around(cls, conv, "nf", "nx")
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.ops.adaptc.linear(x, self.weight.t(), self.bias)
+            return on_op(x, self.weight.t(), self.bias)
 
 
 LAYERS = (nn.Linear,) if Conv1D is None else (nn.Linear, Conv1D)

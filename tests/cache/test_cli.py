@@ -157,8 +157,8 @@ def test_an_imported_bundle_makes_compile_measure_nothing(tmp_path, monkeypatch)
 
     monkeypatch.setenv("ADAPTC_CACHE_DIR", str(tmp_path / "another-machine"))  # an empty cache
     reset_default_cache()
-    from adaptc.kernels._registry import _CONFIGS
-    _CONFIGS.clear()
+    from adaptc.kernels._registry import clear_configs
+    clear_configs()
     assert run("import", str(bundle)).exit_code == 0
     second = adaptc.report(adaptc.compile(model, example_inputs=(ids,), tune_trials=3))["tuning"]
     assert second["measured"] == 0 and second["cache_hits"] == len(first["kernels"])

@@ -94,3 +94,15 @@ def test_the_op_is_one_node_in_an_exported_graph():
     assert [str(n.target) for n in ep.graph.nodes if n.op == "call_function"] == ["adaptc.linear.default"]
     y = torch.randn(2, 7, 16)
     torch.testing.assert_close(ep.module()(y), F.linear(y, ep.module().w), atol=1e-5, rtol=1e-5)
+
+
+def test_a_config_tuned_after_the_first_call_is_the_one_that_runs():
+    from adaptc.kernels._registry import set_config
+    from adaptc.kernels.linear import op
+
+    x, w, b = args(8, 32, 24, seed=3)
+    op.run_linear(x, w, b)  # memoises the default's choice
+    for backend in ("aten", "onednn", "aten"):
+        set_config("linear", "cpu", KERNEL.problem(x, w, b), "cpu", {"backend": backend})
+        torch.testing.assert_close(op.run_linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+        assert list(op._chosen.values())[-1] is cpu.backend({"backend": backend})

@@ -255,8 +255,8 @@ def test_a_cached_config_outside_the_space_is_never_run(cache):
     from adaptc.tuner.session import install_cache_source
 
     install_cache_source()  # what compile and load do: run-time configs come from the cache
-    from adaptc.kernels._registry import _CONFIGS
-    _CONFIGS.clear()
+    from adaptc.kernels._registry import clear_configs
+    clear_configs()
     # at run time the kernel falls back to its default instead of running the foreign config
     torch.testing.assert_close(torch.ops.adaptc.fused_moe(*args), KERNELS["fused_moe"].reference(*args))
     with pytest.warns(UserWarning, match="not in this kernel's config space"):

@@ -9,7 +9,7 @@ the module (its state_dict, save files and graph inputs stay the real weight).
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +58,20 @@ def supports(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return None
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.numel() == 0:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+
+
+def backend(config: dict[str, Any]) -> Callable[..., torch.Tensor]:
+    """The function a config runs: F.linear (ATen) or the packed oneDNN GEMM."""
+    return F.linear if config["backend"] == "aten" else onednn_linear
+
+
 def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                config: dict[str, Any] | None = None) -> torch.Tensor:
     check_args(x, weight, bias)
     if config is None:
         config = config_for(KERNEL_NAME, "cpu", problem(x, weight, bias), "cpu", lambda: cpu_default_config(x, weight, bias))
-    if config["backend"] == "aten" or x.numel() == 0:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, packed_weight(weight), bias, "none", [], "")
+    return backend(config)(x, weight, bias)
