@@ -179,18 +179,17 @@ def part_halting(args) -> dict:
                               calibration=cal, quality=quality, tokenizer=tok, max_length=48, calibration_batch=32,
                               tune=False, progress=False, distill_steps=200)
         p = next(p for p in adaptc.report(fast)["passes"] if p["name"] == "early_exit")
-        row = {"quality": quality, "status": p["status"], "reason": p["reason"],
-               "measure": p["details"].get("measure"), "thresholds": None}
+        row = {"quality": quality, "status": p["status"], "reason": p["reason"], "measure": p["details"].get("measure")}
         stats = exit_stats(fast)
         if stats is not None:
             stats.reset(len(stats.histogram) - 1)
             batches = [{k: v[i:i + 32] for k, v in enc.items()} for i in range(0, len(held), 32)]
             with torch.no_grad():
                 got = torch.cat([fast(**b).logits.argmax(-1) for b in batches])
+                hist = list(stats.histogram)  # the held-out rows' exits, before the timing runs add to it
                 ms = interleaved_ms({"original": lambda: [model(**b) for b in batches],
                                      "halting": lambda: [fast(**b) for b in batches]}, rounds=5, reps=1)
             exits = p["details"]["exit_layers"] + [model.config.num_hidden_layers - 1]  # the last: every step
-            hist = stats.histogram
             steps = sum((l + 1) * n for l, n in zip(exits, hist)) / max(sum(hist), 1)
             row.update({"heldout_agreement": float((got == want).float().mean()), "mean_steps": round(steps, 3),
                         "of_steps": model.config.num_hidden_layers, "histogram": hist, "speedup_batch32": round(ms["original"] / ms["halting"], 3),

@@ -27,6 +27,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from ..analysis.shared_blocks import GraphChain, graph_chain, same_block, shared_runs
+from ..capture.inputs import Inputs
 from ..capture.torch_capture import _torch_quiet, describe, input_shapes, is_driven_from_python
 from ..errors import SaveLoadError
 from ..runtime.module import CompiledModule
@@ -159,12 +160,25 @@ def _mutates(gm: fx.GraphModule) -> str | None:
     return None
 
 
+def _padded(inputs: Inputs) -> Inputs:
+    """`inputs` with the last position of row 0 masked out when its attention_mask is all ones: Hugging Face
+    then builds the mask tensor it always builds under export (where it cannot see a mask is all ones), so
+    the caller is traced, and checked, with the arguments the whole-model graph will give it."""
+    mask = inputs.kwargs.get("attention_mask")
+    if not (isinstance(mask, torch.Tensor) and mask.ndim == 2 and mask.shape[1] >= 2 and bool((mask == 1).all())):
+        return inputs
+    mask = mask.clone()
+    mask[0, -1] = 0
+    return Inputs(inputs.args, {**inputs.kwargs, "attention_mask": mask}, inputs.static_seq)
+
+
 def _traced_call(ctx: CompileContext, path: str) -> tuple[tuple, dict] | None:
     """The caller's first call on a check input with at least 2 rows and 2 positions, so that export keeps
     those sizes symbolic (the example itself first)."""
     for inputs in ctx.check_inputs:
         batch, seq = inputs.batch_seq()
         if batch >= 2 and (seq is None or seq >= 2):
+            inputs = _padded(inputs)
             seen: list[tuple[tuple, dict]] = []
             hook = ctx.original.get_submodule(path).register_forward_pre_hook(
                 lambda m, a, kw: seen.append((a, kw)) if not seen else None, with_kwargs=True)
@@ -279,15 +293,16 @@ class Reroll(Pass):
         edit.set_attr(site.module, "forward", plan.forward.as_forward())
 
     def verify(self, ctx: CompileContext, plans: dict[str, RerollPlan]) -> Comparison:
-        """The check inputs, and a one-row and (with a sequence) a one-position call: export traced sizes of 2
-        or more and assumes 1 behaves alike."""
+        """The check inputs, their padded forms (what the looped graph serves), and a one-row and (with a
+        sequence) a one-position call: export traced sizes of 2 or more and assumes 1 behaves alike."""
         total = ctx.verify()
         batch, seq = ctx.inputs.batch_seq()
+        padded = [p for i in ctx.check_inputs if (p := _padded(i)) is not i]
         vocab = getattr(getattr(ctx.original, "config", None), "vocab_size", None)
         gen = torch.Generator().manual_seed(ctx.config.seed + 1)
         ones = [ctx.inputs.resized(1, seq, gen, vocab)] + ([ctx.inputs.resized(batch, 1, gen, vocab)] if seq else [])
         with torch.no_grad():
-            for inputs in ones:
+            for inputs in padded + ones:
                 try:
                     want = ctx.original(*inputs.args, **inputs.kwargs)
                 except Exception:  # the model itself refuses that size: nothing to compare

@@ -43,7 +43,7 @@ def signature_accepts(signature: Any, args: tuple, kwargs: dict) -> bool:
             if x != w:
                 return False
             continue
-        if x.dtype != w[0] or x.ndim != len(w[1]):
+        if not (isinstance(w, tuple) and len(w) == 2) or x.dtype != w[0] or x.ndim != len(w[1]):  # None traced
             return False
         for dim, n in zip(w[1], x.shape):
             if isinstance(dim, int):

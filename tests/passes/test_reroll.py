@@ -255,3 +255,24 @@ def test_halting_on_albert_loop_is_calibrated_batched_and_saved(tmp_path):
     assert set(loaded.state_dict()) == set(model.state_dict()) | {k for k in loaded.state_dict() if "exit_heads" in k}
     with torch.no_grad():
         torch.testing.assert_close(loaded(**enc).logits, fast(**enc).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_unpadded_example_still_loops_and_exports_to_one_onnx_loop(tmp_path):
+    """With an all-ones mask Hugging Face passes no mask tensor in eager calls, but always builds one under
+    export: the caller is traced on a padded copy of the example, so the whole-model graph keeps the loop."""
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    config = tf.AlbertConfig(vocab_size=128, embedding_size=32, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                             intermediate_size=128, attn_implementation="sdpa")
+    model = tf.AlbertModel(config).eval()
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    fast = adaptc.compile(model, example_inputs=example, tune=False, speed_check=False)
+    assert entry(fast)["status"] == "applied" and len(loops_in(fast._program)) == 1
+    report = adaptc.export_onnx(fast, example, tmp_path / "albert.onnx")
+    assert report["verification"]["ok"] and report["onnx_ops"]["Loop"] == 1 and report["onnx_ops"]["Attention"] == 1
+    inputs = batch(3, 14, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(**inputs).last_hidden_state, model(**inputs).last_hidden_state,
+                                   rtol=1e-5, atol=1e-6)
