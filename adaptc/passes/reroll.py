@@ -173,8 +173,8 @@ def _padded(inputs: Inputs) -> Inputs:
 
 
 def _traced_call(ctx: CompileContext, path: str) -> tuple[tuple, dict] | None:
-    """The caller's first call on a check input with at least 2 rows and 2 positions, so that export keeps
-    those sizes symbolic (the example itself first)."""
+    """The caller's first call on a check input with at least 2 rows and 2 positions (the example itself
+    first; padded as `_padded` says), so that export keeps those sizes symbolic."""
     for inputs in ctx.check_inputs:
         batch, seq = inputs.batch_seq()
         if batch >= 2 and (seq is None or seq >= 2):
@@ -201,11 +201,15 @@ class Reroll(Pass):
         return "no block is applied twice in a row with the same weights"
 
     def match(self, ctx: CompileContext) -> list[Site]:
-        runs = shared_runs(ctx.working, lambda: ctx.working(*ctx.inputs.args, **ctx.inputs.kwargs))
+        try:  # an exact pass on by default: a model the hooks cannot follow is no site, not a failed compile
+            runs = shared_runs(ctx.working, lambda: ctx.working(*ctx.inputs.args, **ctx.inputs.kwargs))
+        except Exception:
+            return []
         by_caller: dict[str, list] = {}
         for run in runs:
             if run.calls >= self.config.min_calls:
                 by_caller.setdefault(run.caller, []).append(run)
+
         def inside(path: str, other: str) -> bool:
             return other != path and (not other or path.startswith(other + "."))
 
