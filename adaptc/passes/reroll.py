@@ -290,8 +290,7 @@ class Reroll(Pass):
                 return "its shape guards cannot be read, so calls outside them could not be sent to eager"
         args, kwargs = pytree.tree_unflatten(flat.leaves, flat.spec)
         signature = CompiledModule.signature_of(args, kwargs, input_shapes(program))
-        return LoopedForward(module, gm, state, constants, signature, guards, program.call_spec.out_spec,
-                             loops=len([n for n in gm.graph.nodes if n.target is torch.ops.higher_order.while_loop]))
+        return LoopedForward(module, gm, state, constants, signature, guards, program.call_spec.out_spec)
 
     def apply(self, ctx: CompileContext, site: Site, plan: RerollPlan, edit: ModuleEdit) -> None:
         edit.set_attr(site.module, "forward", plan.forward.as_forward())
@@ -301,10 +300,10 @@ class Reroll(Pass):
         sequence) a one-position call: export traced sizes of 2 or more and assumes 1 behaves alike."""
         total = ctx.verify()
         batch, seq = ctx.inputs.batch_seq()
-        padded = [p for i in ctx.check_inputs if (p := _padded(i)) is not i]
         vocab = getattr(getattr(ctx.original, "config", None), "vocab_size", None)
         gen = torch.Generator().manual_seed(ctx.config.seed + 1)
         ones = [ctx.inputs.resized(1, seq, gen, vocab)] + ([ctx.inputs.resized(batch, 1, gen, vocab)] if seq else [])
+        padded = [p for i in [*ctx.check_inputs, *ones] if (p := _padded(i)) is not i]
         with torch.no_grad():
             for inputs in padded + ones:
                 try:

@@ -25,12 +25,11 @@ class LoopedForward:
     nn.Module, so nothing is added to the module tree)."""
 
     def __init__(self, owner: nn.Module, graph: torch.fx.GraphModule, state: list[str], constants: list[torch.Tensor],
-                 signature: Any, guards: Callable[[tuple, dict], bool] | None, out_spec: Any, loops: int):
+                 signature: Any, guards: Callable[[tuple, dict], bool] | None, out_spec: Any):
         self.owner, self.graph, self.constants = owner, graph, constants
         # the owner's parameters / buffers the graph reads first: (module, attribute), read at each call
         self.state = [_holder(owner, name) for name in state]
         self.signature, self.guards, self.out_spec = signature, guards, out_spec
-        self.loops = loops
         self.fallback = owner.forward  # the module's own forward (bound), for calls the graph does not serve
 
     def as_forward(self) -> Callable[..., Any]:

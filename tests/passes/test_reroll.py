@@ -71,7 +71,7 @@ def test_albert_layers_become_one_while_loop(albert, tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-6)
 
 
-def test_looped_graph_under_inference_mode_and_two_threads(albert):
+def test_looped_graph_under_inference_mode_two_threads_and_grad_mode(albert):
     model, fast = albert
     inputs = [batch(2 + i, 12 + 5 * i, 10 + i) for i in range(2)]
     with torch.no_grad():
@@ -94,6 +94,8 @@ def test_looped_graph_under_inference_mode_and_two_threads(albert):
     assert not errors, errors
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    with torch.enable_grad():  # while_loop has an autograd rule: grad mode gives the same outputs
+        torch.testing.assert_close(fast(**inputs[0]).logits.detach(), want[0], rtol=1e-5, atol=1e-6)
 
 
 def test_user_residual_loop_rerolls_in_fp32_and_bf16():
