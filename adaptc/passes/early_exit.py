@@ -1,6 +1,7 @@
 """early_exit: let easy inputs leave the layer stack early, with the quality loss bounded and measured.
 
-Encoders / classifiers (BERT-like): an exit after every block but the last, each with a small affine
+Encoders / classifiers (BERT-like; ALBERT as the steps of its loop over one shared layer group, so exits
+halt rows between loop steps): an exit after every block but the last, each with a small affine
 head distilled from the frozen model (classifier: its pooler + classifier read the head's [CLS];
 embedding model: the head maps the mean-pooled state onto the final embedding). Causal LMs
 (Llama / GPT-2-like): the model's own final norm + LM head at exits spaced by the cost model, each

@@ -140,6 +140,8 @@ class Distinct(torch.nn.Module):
 
 
 def test_what_is_not_one_chain_is_declined_or_not_a_site():
+    with pytest.raises(adaptc.AdaptcError, match="reroll option min_calls=1: must be an integer >= 2"):
+        adaptc.passes.Reroll(min_calls=1)
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16)
     tapped = Tapped().eval()
