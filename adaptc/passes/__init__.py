@@ -23,6 +23,7 @@ _LAZY = {
     "SparseAttention": "sparse_attention", "SparseAttentionConfig": "sparse_attention",
     "SdpaFusion": "sdpa_fusion", "SdpaFusionConfig": "sdpa_fusion",
     "EagerAttentionFusion": "eager_attention_fusion", "EagerAttentionFusionConfig": "eager_attention_fusion",
+    "Reroll": "reroll", "RerollConfig": "reroll",
     "EarlyExit": "early_exit", "EarlyExitConfig": "early_exit",
     "TunedLinear": "tuned_linear", "TunedLinearConfig": "tuned_linear",
 }
@@ -39,6 +40,7 @@ def registry() -> dict[str, type[Pass]]:
     from .eager_attention_fusion import EagerAttentionFusion
     from .early_exit import EarlyExit
     from .moe_fusion import MoEFusion
+    from .reroll import Reroll
     from .sdpa_fusion import SdpaFusion
     from .sparse_attention import SparseAttention
     from .tuned_linear import TunedLinear
@@ -47,9 +49,10 @@ def registry() -> dict[str, type[Pass]]:
     # fusions: at block granularity the speed check rolls back the most recent pass first, and the
     # attention op is the one that can lose (decode steps on a CPU). attention_fusion before
     # sdpa_fusion: what it takes over no longer calls SDPA for sdpa_fusion to find; sparse_attention
-    # falls back to its exact op where a pattern does not apply.
+    # falls back to its exact op where a pattern does not apply; reroll last of the exact passes: its
+    # loop body is the block as the others left it.
     return {p.name: p for p in (MoEFusion, TunedLinear, AttentionFusion, SparseAttention, SdpaFusion,
-                                EagerAttentionFusion, EarlyExit)}
+                                EagerAttentionFusion, Reroll, EarlyExit)}
 
 
 def config_classes() -> dict[str, type[PassConfig]]:

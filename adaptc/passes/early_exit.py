@@ -1,6 +1,7 @@
 """early_exit: let easy inputs leave the layer stack early, with the quality loss bounded and measured.
 
-Encoders / classifiers (BERT-like): an exit after every block but the last, each with a small affine
+Encoders / classifiers (BERT-like; ALBERT as the steps of its loop over one shared layer group, so exits
+halt rows between loop steps): an exit after every block but the last, each with a small affine
 head distilled from the frozen model (classifier: its pooler + classifier read the head's [CLS];
 embedding model: the head maps the mean-pooled state onto the final embedding). Causal LMs
 (Llama / GPT-2-like): the model's own final norm + LM head at exits spaced by the cost model, each
@@ -74,11 +75,17 @@ def _valid(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def layer_states(model: nn.Module, layers: nn.ModuleList, batch: dict) -> tuple[Any, list[torch.Tensor]]:
-    """The model's output and the states entering block 0 and leaving every block ([L+1] x [B, S, H])."""
+    """The model's output and the states entering block 0 and leaving every block ([L+1] x [B, S, H]).
+    A looped stack (ALBERT) repeats one module in `layers`: each module is hooked once and every call of
+    it is one step."""
     states: list[torch.Tensor] = []
-    hooks = [layers[0].register_forward_pre_hook(lambda m, a, kw: states.append((a[0] if a else kw["hidden_states"]).detach()),
-                                                 with_kwargs=True)]
-    for layer in layers:
+
+    def entering(m, a, kw):
+        if not states:  # a shared block's later calls are later steps, not the stack's input
+            states.append((a[0] if a else kw["hidden_states"]).detach())
+
+    hooks = [layers[0].register_forward_pre_hook(entering, with_kwargs=True)]
+    for layer in dict.fromkeys(layers):  # each module once, in order
         hooks.append(layer.register_forward_hook(lambda m, a, o: states.append((o[0] if isinstance(o, tuple) else o).detach())))
     try:
         out = model(**batch)
@@ -453,7 +460,7 @@ class EarlyExit(Pass):
             install_lm_exits(ctx.working, s.layers, plan.exits, s.norm, s.lm_head, plan.heads, set_attr=edit.set_attr)
         else:
             encoder = ctx.working.get_submodule(s.stack_path)
-            edit.replace(s.stack_path, EarlyExitEncoder(encoder, plan.exits, plan.heads, s.tail))
+            edit.replace(s.stack_path, EarlyExitEncoder(encoder, plan.exits, plan.heads, s.tail, s.layers, s.prelude))
 
     # -- load --------------------------------------------------------------------------------------
     def rebuild(self, module: nn.Module, plan: EarlyExitPlan, model: nn.Module) -> nn.Module:
@@ -474,7 +481,7 @@ class EarlyExit(Pass):
             install_lm_exits(model, s.layers, exits, s.norm, s.lm_head, lm_heads)
             return module
         exit_heads = nn.ModuleList(ExitAdapter(plan.hidden) for _ in range(count)).to(ref.device, ref.dtype)
-        return EarlyExitEncoder(module, exits, exit_heads, s.tail)
+        return EarlyExitEncoder(module, exits, exit_heads, s.tail, s.layers, s.prelude)
 
     # -- verify: quality on calibration data, not bitwise equality ---------------------------------
     def verify(self, ctx: CompileContext, plans: dict[str, EarlyExitPlan]) -> Comparison:

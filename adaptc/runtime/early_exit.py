@@ -146,15 +146,23 @@ def key_padding(attention_mask: Any, batch: int, seq: int, device: torch.device)
 
 
 class EarlyExitEncoder(nn.Module):
-    """Drop-in for a BERT-like encoder (`.layer` is the same ModuleList, so parameter names are kept)."""
+    """Drop-in for a BERT-like encoder. The encoder's own children are kept under their names (`.layer`;
+    ALBERT's `.embedding_hidden_mapping_in` and `.albert_layer_groups`), so parameter names are kept;
+    `steps` are the blocks in the order they run (ALBERT: its shared group, once per step) and `prelude`
+    what runs before the first (ALBERT's input projection)."""
 
-    def __init__(self, encoder: nn.Module, plan: ExitPlan, heads: nn.ModuleList, tail: nn.Module | None):
+    def __init__(self, encoder: nn.Module, plan: ExitPlan, heads: nn.ModuleList, tail: nn.Module | None,
+                 steps: nn.ModuleList | None = None, prelude: nn.Module | None = None):
         super().__init__()
-        self.layer = encoder.layer
+        for name, child in encoder.named_children():
+            self.add_module(name, child)
         self.config = getattr(encoder, "config", None)
         self.exit_heads = heads
         self.plan = plan
-        object.__setattr__(self, "_tail", tail)  # the model owns the pooler/classifier: no second copy
+        # the model owns these (the pooler/classifier, the steps' modules, the projection): no second copy
+        object.__setattr__(self, "_tail", tail)
+        object.__setattr__(self, "_steps", list(steps if steps is not None else encoder.layer))
+        object.__setattr__(self, "_prelude", prelude)
         self._output_type = None
         self.stats = ExitStats()
         self.stats.reset(len(plan.exit_layers))
@@ -163,13 +171,15 @@ class EarlyExitEncoder(nn.Module):
         from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 
         h, mask = hidden_states, attention_mask
+        if self._prelude is not None:
+            h = self._prelude(h)
         batch, seq = h.shape[:2]
         valid = key_padding(attention_mask, batch, seq, h.device)
         rows = torch.arange(batch, device=h.device)
         out = h.new_empty(h.shape)
         exit_at = {layer: e for e, layer in enumerate(self.plan.exit_layers)}
         kind = self.plan.kind
-        for i, layer in enumerate(self.layer):
+        for i, layer in enumerate(self._steps):
             h_in = h
             h = first(layer(h, mask, *args, **kwargs))
             e = exit_at.get(i)

@@ -30,6 +30,32 @@ def state_of(module: nn.Module) -> CompiledState:
     return state
 
 
+def signature_accepts(signature: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether a call fits `signature` (CompiledModule.signature_of): the same argument structure and
+    non-tensor values, dtypes, fixed sizes, and symbolic sizes within their ranges (one size per symbol)."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    want_spec, want = signature
+    if str(spec) != want_spec or len(leaves) != len(want):
+        return False
+    symbols: dict[str, int] = {}  # a symbol shared by several dims needs one size for all
+    for x, w in zip(leaves, want):
+        if not isinstance(x, torch.Tensor):
+            if x != w:
+                return False
+            continue
+        if not (isinstance(w, tuple) and len(w) == 2) or x.dtype != w[0] or x.ndim != len(w[1]):  # None traced
+            return False
+        for dim, n in zip(w[1], x.shape):
+            if isinstance(dim, int):
+                if dim != n:
+                    return False
+            elif dim is not None:
+                name, lo, hi = dim
+                if n < lo or (hi is not None and n > hi) or symbols.setdefault(name, n) != n:
+                    return False
+    return True
+
+
 class CompiledModule(nn.Module):
     """A captured graph with the rewritten eager model beside it.
 
@@ -66,27 +92,7 @@ class CompiledModule(nn.Module):
                            for x in leaves]
 
     def accepts(self, args: tuple, kwargs: dict) -> bool:
-        leaves, spec = pytree.tree_flatten((args, kwargs))
-        want_spec, want = self._signature
-        if str(spec) != want_spec or len(leaves) != len(want):
-            return False
-        symbols: dict[str, int] = {}  # a symbol shared by several dims needs one size for all
-        for x, w in zip(leaves, want):
-            if not isinstance(x, torch.Tensor):
-                if x != w:
-                    return False
-                continue
-            if x.dtype != w[0] or x.ndim != len(w[1]):
-                return False
-            for dim, n in zip(w[1], x.shape):
-                if isinstance(dim, int):
-                    if dim != n:
-                        return False
-                elif dim is not None:
-                    name, lo, hi = dim
-                    if n < lo or (hi is not None and n > hi) or symbols.setdefault(name, n) != n:
-                        return False
-        return self.guards is None or self.guards(args, kwargs)
+        return signature_accepts(self._signature, args, kwargs) and (self.guards is None or self.guards(args, kwargs))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.eager is None:
