@@ -103,7 +103,7 @@ def test_user_residual_loop_rerolls_in_fp32_and_bf16():
         torch.manual_seed(0)
         model = Looped(n=5).eval().to(dtype)
         x = torch.randn(2, 7, 16, dtype=dtype)
-        fast = adaptc.compile(model, example_inputs=(x,), tune=False, speed_check=False)
+        fast = adaptc.compile(model, example_inputs=(x,), tune=False, speed_check=False, passes=["reroll"])
         e = entry(fast)
         assert e["status"] == "applied" and e["sites"] == [""], e
         # the block and the caller's residual add are the body: `x = x + block(x)` is one step
