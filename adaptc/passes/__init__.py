@@ -24,6 +24,7 @@ _LAZY = {
     "SdpaFusion": "sdpa_fusion", "SdpaFusionConfig": "sdpa_fusion",
     "EagerAttentionFusion": "eager_attention_fusion", "EagerAttentionFusionConfig": "eager_attention_fusion",
     "EarlyExit": "early_exit", "EarlyExitConfig": "early_exit",
+    "Recursion": "recursion", "RecursionConfig": "recursion",
 }
 
 
@@ -38,13 +39,15 @@ def registry() -> dict[str, type[Pass]]:
     from .eager_attention_fusion import EagerAttentionFusion
     from .early_exit import EarlyExit
     from .moe_fusion import MoEFusion
+    from .recursion import Recursion
     from .sdpa_fusion import SdpaFusion
     from .sparse_attention import SparseAttention
 
     # attention_fusion first: what it takes over no longer calls SDPA for sdpa_fusion to find;
     # sparse_attention falls back to its exact op where a pattern does not apply.
+    # recursion last: it replaces the blocks' Linear layers, which the passes before it read as they are.
     return {p.name: p for p in (MoEFusion, AttentionFusion, SparseAttention, SdpaFusion, EagerAttentionFusion,
-                                EarlyExit)}
+                                EarlyExit, Recursion)}
 
 
 def config_classes() -> dict[str, type[PassConfig]]:
