@@ -2,7 +2,9 @@
 
 N distinct blocks become K shared blocks looped N/K times (cycle or middle-cycle sharing; shared weights
 the average or the first of their positions'), each position keeping a low-rank delta on every Linear
-from the truncated SVD of W_l - W_shared (adaptc/runtime/recursion.py). Settings (K, rank) are tried in an
+from the truncated SVD of W_l - W_shared (adaptc/runtime/recursion.py), by default whitened by the inputs the
+Linear sees on the fit rows (the SVD in the norm of its outputs, as ASVD / SVD-LLM do: on MiniLM-L6 it lifts the
+embedding's cosine at K=3, rank 96 from 0.45 to 0.80). Settings (K, rank) are tried in an
 order fixed before any data is seen: for each K one chain from the highest rank down, tested by
 Learn-then-Test (Hoeffding-Bentkus p-values, fixed-sequence testing within a chain, Bonferroni over the
 chains) on calibration rows the optional distillation of the deltas did not see. The certified setting
@@ -23,15 +25,17 @@ from torch import nn
 from ..analysis.layer_stack import LayerStack, find_layer_stack
 from ..calibrate.thresholds import METHOD, hoeffding_bentkus_pvalue, min_samples
 from ..errors import SaveLoadError
-from ..runtime.recursion import (INITS, SHARINGS, RelaxedLinear, empty_relaxed_modules, install, linear_names,
-                                 relaxation_basis, relaxed_modules, relaxed_of, share_groups, unique_parameters)
+from ..runtime.recursion import (INITS, SHARINGS, RelaxedLinear, empty_relaxed_modules, input_covariances, install,
+                                 linear_names, relaxation_basis, relaxed_modules, relaxed_of, share_groups,
+                                 unique_parameters)
 from ..verify import Comparison
 from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
 from ._config import PassConfig, option
 from .early_exit import _is_int, _is_number, calibration_batches, runtime_agreement
 
 DEFAULT_QUALITY, DEFAULT_DELTA = 0.95, 0.1
-RANK_FRACTIONS = (4, 8, 16, 32)  # default ranks: hidden / these (hidden / 2 saves nothing on a square matrix)
+RANK_FRACTIONS = (4, 8, 16, 32)
+DELTA_INITS = ("whitened", "svd")  # default ranks: hidden / these (hidden / 2 saves nothing on a square matrix)
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,10 @@ class RecursionConfig(PassConfig):
     ranks: tuple[int, ...] | None = option(None, doc="delta ranks to try, highest first; None: hidden/4 ... hidden/32, 0")
     sharing: str = option("cycle", doc="cycle (position l uses block l mod K) or middle_cycle (first and last own)")
     init: str = option("averaged", doc="shared weights: averaged over their positions, or stepwise (the first's)")
+    delta_init: str = option("whitened", doc="svd: truncated SVD of W_l - W_shared; whitened: the same SVD in the norm "
+                                             "of the outputs on the fit rows' inputs (keeps the directions inputs use)")
     distill_steps: int = option(0, doc="steps distilling the deltas from the original per setting tried (0: SVD only)")
-    distill_fraction: float = option(0.4, doc="share of calibration rows that distil the deltas (when distill_steps > 0)")
+    distill_fraction: float = option(0.4, doc="share of calibration rows that fit the deltas (whitening, distillation); the rest calibrate")
     distill_lr: float = option(1e-3, doc="distillation learning rate")
 
     def validate(self) -> None:
@@ -66,6 +72,8 @@ class RecursionConfig(PassConfig):
             self.fail("sharing", f"must be one of {', '.join(SHARINGS)}")
         if self.init not in INITS:
             self.fail("init", f"must be one of {', '.join(INITS)}")
+        if self.delta_init not in DELTA_INITS:
+            self.fail("delta_init", f"must be one of {', '.join(DELTA_INITS)}")
         if not _is_int(self.distill_steps) or self.distill_steps < 0:
             self.fail("distill_steps", "must be an integer >= 0")
         if not _is_number(self.distill_lr) or self.distill_lr <= 0:
@@ -157,17 +165,20 @@ class Recursion(Pass):
         n = _rows(cal, s.kind)
         before, before_bytes = unique_parameters(s.layers)
         model_before, _ = unique_parameters(ctx.working)
-        details.update({"shared_block_counts": chains, "ranks": ranks, "calibration_rows": n,
-                        "distill_rows": _rows(fit, s.kind) if fit else 0, "parameters_before": before,
+        details.update({"shared_block_counts": chains, "ranks": ranks, "delta_init": c.delta_init, "calibration_rows": n,
+                        "fit_rows": _rows(fit, s.kind) if fit else 0, "parameters_before": before,
                         "bytes_before": before_bytes, "model_parameters_before": model_before,
                         "samples": "rows" if s.kind != "causal_lm" else
                         "tokens; tokens of one passage are not independent, so the guarantee treats them as i.i.d."})
+        covariances = None
+        if c.delta_init == "whitened":  # the teacher's inputs to every Linear, on rows that never calibrate
+            covariances = input_covariances(ctx.original, find_layer_stack(ctx.original).layers, names, fit)
         share = delta / len(chains)  # Bonferroni over the chains; fixed-sequence testing within each
         alpha = 1.0 - quality
         tried, best = [], None
         for K in chains:
             groups = share_groups(N, K, c.sharing)
-            basis = relaxation_basis(s.layers, groups, names, c.init, max_rank=ranks[0])
+            basis = relaxation_basis(s.layers, groups, names, c.init, max_rank=ranks[0], covariances=covariances)
             chain_open = True
             for r in ranks:
                 modules = relaxed_modules(s.layers, basis, r)
@@ -176,7 +187,7 @@ class Recursion(Pass):
                 if row["parameters"] >= before:
                     tried.append({**row, "tested": False, "note": "no parameter saving"})
                     continue
-                if not chain_open and c.distill_steps:  # a broken chain certifies nothing more: skip the distillation
+                if not chain_open and c.distill_steps:  # a broken chain certifies nothing more: skip its distillation
                     tried.append({**row, "tested": False, "note": "after the chain's first failure"})
                     continue
                 agreement, distilled = self._measure(ctx, s, modules, fit, cal)
@@ -221,8 +232,9 @@ class Recursion(Pass):
         return sorted({k for k in range(2, N // 2 + 1) if N % k == 0}, reverse=True)
 
     def _split(self, ctx, batches: list[dict]) -> tuple[list[dict], list[dict]]:
-        """(rows that distil the deltas, rows that calibrate); every row calibrates without distillation."""
-        if not self.config.distill_steps:
+        """(rows that fit the deltas — whitening, distillation — and rows that calibrate); every row
+        calibrates when nothing is fitted."""
+        if not self.config.distill_steps and self.config.delta_init != "whitened":
             return [], batches
         sizes = [b["input_ids"].shape[0] for b in batches]
         rows = sum(sizes)

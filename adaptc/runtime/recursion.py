@@ -7,7 +7,9 @@ shared blocks looped N/K times, each loop position keeping a low-rank delta of i
 
 Every Linear of position l computes x W_g^T + (x A_l^T) B_l^T + b_l, where W_g is its block's shared weight
 (one Parameter object, the same at every position of the block: it is stored and counted once) and
-B_l A_l the rank-r truncated SVD of W_l - W_g (A = V_r^T, B = U_r diag(S_r)). At full rank the delta is
+B_l A_l the rank-r truncated SVD of W_l - W_g (A = V_r^T, B = U_r diag(S_r)) — or, given the covariance
+C = L L^T of the inputs the Linear sees, the SVD of (W_l - W_g) L with A = V_r^T L^-1, the best rank-r fit of
+the Linear's outputs on those inputs (ASVD / SVD-LLM's whitening). At full rank the delta is
 W_l - W_g itself, so the model is the original up to rounding. Norms and biases stay per position,
 exact: they are a rounding error of the parameter count.
 
@@ -110,11 +112,63 @@ class RelaxationBasis:
 
 
 @torch.no_grad()
+def input_covariances(model: nn.Module, layers: nn.ModuleList, names: list[str],
+                      batches: list[dict]) -> dict[tuple[int, str], torch.Tensor]:
+    """(position, name) -> X^T X of that Linear's inputs at real tokens while `model` runs `batches`
+    (float64): what a whitened delta keeps best."""
+    cov: dict[tuple[int, str], torch.Tensor] = {}
+    valid: list[torch.Tensor] = []
+    last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # q/k/v (gate/up) read one tensor: one product
+
+    def hook(key):
+        def record(module, args):
+            x = args[0]
+            if key[0] in last and last[key[0]][0] is x:
+                product = last[key[0]][1]
+            else:
+                rows = x[valid[0]] if x.dim() == 3 and x.shape[:2] == valid[0].shape else x.reshape(-1, x.shape[-1])
+                rows = rows.float()
+                product = (rows.T @ rows).to(torch.float64)
+                last[key[0]] = (x, product)
+            cov[key] = cov[key] + product if key in cov else product
+        return record
+
+    handles = [layers[l].get_submodule(n).register_forward_pre_hook(hook((l, n))) for l in range(len(layers)) for n in names]
+    try:
+        for b in batches:
+            mask = b.get("attention_mask")
+            valid[:] = [mask.bool() if mask is not None else torch.ones(b["input_ids"].shape, dtype=torch.bool)]
+            model(**b)
+            last.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    return cov
+
+
+def _low_rank(diff: torch.Tensor, m: int | None, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B [out, k], A [k, in]) with B A the best rank-k fit of `diff` (float64), k = min(m, full): in the
+    Frobenius norm, or with `cov` = X^T X in the norm of the outputs ||X (diff - B A)^T|| (SVD of diff L,
+    C = L L^T; A = V^T L^-1). Either way B A = diff at full rank."""
+    if cov is None:
+        u, s, vh = torch.linalg.svd(diff, full_matrices=False)
+        k = s.numel() if m is None else min(m, s.numel())
+        return u[:, :k] * s[:k], vh[:k]
+    damp = 1e-6 * float(cov.diagonal().mean().clamp(min=1e-12))  # inputs that never vary keep C invertible
+    chol = torch.linalg.cholesky(cov + damp * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
+    u, s, vh = torch.linalg.svd(diff @ chol, full_matrices=False)
+    k = s.numel() if m is None else min(m, s.numel())
+    return u[:, :k] * s[:k], torch.linalg.solve_triangular(chol, vh[:k], upper=False, left=False)
+
+
+@torch.no_grad()
 def relaxation_basis(layers: nn.ModuleList, groups: list[list[int]], names: list[str], init: str = "averaged",
-                     max_rank: int | None = None) -> RelaxationBasis:
+                     max_rank: int | None = None,
+                     covariances: dict[tuple[int, str], torch.Tensor] | None = None) -> RelaxationBasis:
     """Shared weights by `init` (averaged: the mean of the block's positions; stepwise: its first
-    position's) and the SVD of each W_l - W_g, kept to `max_rank` (None: full). SVD in float64 on the
-    weights' device, factors in the weights' dtype."""
+    position's) and the truncated SVD of each W_l - W_g, kept to `max_rank` (None: full); whitened by
+    the inputs' `covariances` (input_covariances) where given. float64 on the weights' device, factors
+    in the weights' dtype."""
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     shared, factors = {}, {}
@@ -130,9 +184,9 @@ def relaxation_basis(layers: nn.ModuleList, groups: list[list[int]], names: list
                 if not bool(diff.any()):
                     factors[l, name] = (diff[:, :0].to(dtype), diff[:0].to(dtype))
                     continue
-                u, s, vh = torch.linalg.svd(diff, full_matrices=False)
-                m = s.numel() if max_rank is None else min(int(max_rank), s.numel())
-                factors[l, name] = ((u[:, :m] * s[:m]).to(dtype).contiguous(), vh[:m].to(dtype).contiguous())
+                cov = None if covariances is None else covariances[l, name].to(diff.device)
+                b, a = _low_rank(diff, None if max_rank is None else int(max_rank), cov)
+                factors[l, name] = (b.to(dtype).contiguous(), a.to(dtype).contiguous())
     return RelaxationBasis(groups, list(names), shared, factors)
 
 
@@ -182,14 +236,14 @@ def install(layers: nn.ModuleList, modules: dict[str, RelaxedLinear], set_child=
 
 
 def relax(layers: nn.ModuleList, shared_blocks: int, rank: int | None = None, *, sharing: str = "cycle",
-          init: str = "averaged") -> dict[str, RelaxedLinear]:
+          init: str = "averaged", covariances: dict | None = None) -> dict[str, RelaxedLinear]:
     """Relax `layers` in place to `shared_blocks` shared blocks with deltas of `rank` (None: full rank,
-    the original function); returns what was installed."""
+    the original function), whitened by `covariances` (input_covariances) if given; returns what was installed."""
     names = linear_names(layers)
     if isinstance(names, str):
         raise ValueError(names)
     basis = relaxation_basis(layers, share_groups(len(layers), shared_blocks, sharing), names, init,
-                             max_rank=rank)
+                             max_rank=rank, covariances=covariances)
     modules = relaxed_modules(layers, basis, rank)
     install(layers, modules)
     return modules

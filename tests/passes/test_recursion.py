@@ -10,7 +10,8 @@ import torch
 import adaptc
 from adaptc.calibrate import text
 from adaptc.errors import AdaptcError
-from adaptc.runtime.recursion import RelaxedLinear, relax, relaxed_of, share_groups, tie_map, unique_parameters
+from adaptc.runtime.recursion import (RelaxedLinear, input_covariances, linear_names, relax, relaxed_of, share_groups,
+                                     tie_map, unique_parameters)
 
 tf = pytest.importorskip("transformers")
 VOCAB = 128
@@ -69,11 +70,15 @@ def test_full_rank_reproduces_the_decoder(shared_blocks, sharing, init):
     assert not any(isinstance(m, RelaxedLinear) for m in model.modules())  # the original is untouched
 
 
-def test_full_rank_reproduces_the_encoder_with_padding():
+@pytest.mark.parametrize("whitened", [False, True])
+def test_full_rank_reproduces_the_encoder_with_padding(whitened):
     model = tiny_bert()
-    twin, layers, _ = relaxed_twin(model, 2, None)
     x, mask = ids(4, 10, seed=5), torch.ones(4, 10, dtype=torch.long)
     mask[:2, 6:] = 0
+    layers = model.encoder.layer
+    fit = [{"input_ids": ids(8, 10, seed=6), "attention_mask": torch.ones(8, 10, dtype=torch.long)}]
+    cov = input_covariances(model, layers, linear_names(layers), fit) if whitened else None
+    twin, layers, _ = relaxed_twin(model, 2, None, covariances=cov)
     with torch.no_grad():
         want, got = model(x, attention_mask=mask).last_hidden_state, twin(x, attention_mask=mask).last_hidden_state
     assert (got - want).abs().max() <= 2e-6 * want.abs().max()
