@@ -13,7 +13,8 @@ is converted with the default passes (attention, moe, reroll) and without reroll
 in onnxruntime, and onnxruntime CPU latency (batch 2, seq 16).
 
 Parts `minilm` and `lm` (relaxed recursion, `passes=["recursion"]`, adaptc/runtime/recursion.py): N distinct blocks
-become K shared blocks (cycle sharing, averaged init) plus per-position low-rank SVD deltas. For each K and rank:
+become K shared blocks (cycle sharing) plus per-position low-rank deltas (whitened SVD on input-weighted shared
+weights, as the pass does by default; plain SVD on averaged weights for comparison). For each K and rank:
 parameters (the stack's and the whole model's, shared weights once, deltas counted), held-out agreement with the
 original and throughput against the original in the same interleaved rounds.
 - minilm: all-MiniLM-L6-v2 with a classification head fine-tuned as benchmarks/early_exit.py does (which corpus a

@@ -1,7 +1,7 @@
 """recursion: relaxed recursion for stacks of distinct blocks — fewer parameters, agreement certified.
 
 N distinct blocks become K shared blocks looped N/K times (cycle or middle-cycle sharing; shared weights
-the average or the first of their positions'), each position keeping a low-rank delta on every Linear
+the average of their positions' weighted by their inputs, the plain average, or the first's), each position keeping a low-rank delta on every Linear
 from the truncated SVD of W_l - W_shared (adaptc/runtime/recursion.py), by default whitened by the inputs the
 Linear sees on the fit rows (the SVD in the norm of its outputs, as ASVD / SVD-LLM do: on MiniLM-L6 it lifts the
 embedding's cosine at K=3, rank 96 from 0.45 to 0.80). Settings (K, rank) are tried in an
@@ -49,7 +49,8 @@ class RecursionConfig(PassConfig):
     shared_blocks: tuple[int, ...] | None = option(None, doc="K values to try; None: every divisor of N in [2, N/2]")
     ranks: tuple[int, ...] | None = option(None, doc="delta ranks to try, highest first; None: hidden/4 ... hidden/32, 0")
     sharing: str = option("cycle", doc="cycle (position l uses block l mod K) or middle_cycle (first and last own)")
-    init: str = option("averaged", doc="shared weights: averaged over their positions, or stepwise (the first's)")
+    init: str = option("weighted", doc="shared weights: weighted (the average that least changes the outputs on the "
+                                       "fit rows' inputs), averaged over their positions, or stepwise (the first's)")
     delta_init: str = option("whitened", doc="svd: truncated SVD of W_l - W_shared; whitened: the same SVD in the norm "
                                              "of the outputs on the fit rows' inputs (keeps the directions inputs use)")
     distill_steps: int = option(0, doc="steps distilling the deltas from the original per setting tried (0: SVD only)")
@@ -90,7 +91,7 @@ class RecursionPlan(Plan):
     names: list[str]
     ranks: list[list[int]]                       # ranks[position][i] for names[i]
     sharing: str = "cycle"
-    init: str = "averaged"
+    init: str = "weighted"
     modules: dict[str, RelaxedLinear] | None = None  # built in check; on load made empty and filled by load_state_dict
     agreement: float | None = None                    # measured in check on the calibration rows
 
@@ -115,7 +116,7 @@ class RecursionPlan(Plan):
                 and all(isinstance(r, list) and len(r) == len(names) and all(_is_int(x) and x >= 0 for x in r)
                         for r in ranks)):
             raise SaveLoadError(f"recursion plan's ranks must be {len(positions)} lists of {len(names)} integers >= 0")
-        sharing, init = data.get("sharing", "cycle"), data.get("init", "averaged")
+        sharing, init = data.get("sharing", "cycle"), data.get("init", "weighted")
         if sharing not in SHARINGS or init not in INITS:
             raise SaveLoadError(f"recursion plan's sharing {sharing!r} / init {init!r} is unknown")
         return cls(kind, groups, names, ranks, sharing, init)
@@ -162,9 +163,9 @@ class Recursion(Pass):
         ranks = sorted(set(c.ranks if c.ranks is not None else (*(max(1, s.hidden // f) for f in RANK_FRACTIONS), 0)),
                        reverse=True)
         fit, cal = self._split(ctx, self._batches(ctx))
-        if (c.distill_steps or c.delta_init == "whitened") and not fit:
+        if self._fits(c) and not fit:
             return Decline("one calibration row: the deltas need rows to fit on and others to calibrate on "
-                           "(give more calibration data, or delta_init='svd' with distill_steps=0)", details)
+                           "(give more calibration data, or init='averaged', delta_init='svd', distill_steps=0)", details)
         n = _rows(cal, s.kind)
         before, before_bytes = unique_parameters(s.layers)
         model_before, _ = unique_parameters(ctx.working)
@@ -175,7 +176,7 @@ class Recursion(Pass):
                         "samples": "rows" if s.kind != "causal_lm" else
                         "tokens; tokens of one passage are not independent, so the guarantee treats them as i.i.d."})
         covariances = None
-        if c.delta_init == "whitened":  # the teacher's inputs to every Linear, on rows that never calibrate
+        if c.delta_init == "whitened" or c.init == "weighted":  # the teacher's inputs to every Linear, on rows that never calibrate
             covariances = input_covariances(ctx.original, find_layer_stack(ctx.original).layers, names, fit)
         share = delta / len(chains)  # Bonferroni over the chains; fixed-sequence testing within each
         alpha = 1.0 - quality
@@ -238,7 +239,7 @@ class Recursion(Pass):
     def _split(self, ctx, batches: list[dict]) -> tuple[list[dict], list[dict]]:
         """(rows that fit the deltas — whitening, distillation — and rows that calibrate); every row
         calibrates when nothing is fitted."""
-        if not self.config.distill_steps and self.config.delta_init != "whitened":
+        if not self._fits(self.config):
             return [], batches
         sizes = [b["input_ids"].shape[0] for b in batches]
         rows = sum(sizes)
@@ -253,6 +254,11 @@ class Recursion(Pass):
                 if keep.any():
                     out.append({k: v[keep] for k, v in b.items()})
         return fit, cal
+
+    @staticmethod
+    def _fits(c: RecursionConfig) -> bool:
+        """Whether anything is fitted on calibration rows (which then do not calibrate)."""
+        return bool(c.distill_steps) or c.delta_init == "whitened" or c.init == "weighted"
 
     @staticmethod
     def _count(ctx, s: LayerStack, modules: dict[str, RelaxedLinear], before: int, model_before: int) -> dict:
