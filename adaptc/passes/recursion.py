@@ -57,6 +57,12 @@ class RecursionConfig(PassConfig):
     distill_fraction: float = option(0.4, doc="share of calibration rows that fit the deltas (whitening, distillation); the rest calibrate")
     distill_lr: float = option(1e-3, doc="distillation learning rate")
 
+    def __post_init__(self) -> None:
+        for name in ("shared_blocks", "ranks"):  # a saved file gives JSON lists: the same config as tuples
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        super().__post_init__()
+
     def validate(self) -> None:
         for name in ("calibration_batch", "max_length"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:

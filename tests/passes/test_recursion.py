@@ -254,3 +254,10 @@ def test_minilm_embedding_guarantee_holds_on_heldout_text():
         pooled = [(m(**held).last_hidden_state * w).sum(1) / w.sum(1) for m in (model, fast)]
     heldout = float(torch.nn.functional.cosine_similarity(*pooled).clamp(min=0).mean())
     assert heldout >= quality, (heldout, d["measured_agreement"])
+
+
+def test_config_round_trips_through_json():
+    import json
+
+    cfg = adaptc.passes.RecursionConfig(shared_blocks=(3, 2), ranks=(8, 0), sharing="middle_cycle")
+    assert adaptc.passes.load_config(json.loads(json.dumps(cfg.to_dict()))) == cfg
