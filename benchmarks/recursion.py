@@ -19,7 +19,7 @@ parameters (the stack's and the whole model's, shared weights once, deltas count
 original and throughput against the original in the same interleaved rounds.
 - minilm: all-MiniLM-L6-v2 with a classification head fine-tuned as benchmarks/early_exit.py does (which corpus a
   passage comes from); class agreement, accuracy and the embedding's cosine on held-out passages, passages/s at
-  batch 32; then the pass itself at quality 0.95 (with a short distillation of the deltas): what it certifies on
+  batch 32; then the pass itself at quality 0.95 and 0.85: what it certifies on
   calibration text, and what that gives on held-out text. Target: >= 25% fewer parameters at >= 0.95 agreement.
 - lm: SmolLM2-135M relaxed to K = 15, 10, 6: held-out next-token agreement (teacher forced), perplexity of the
   held-out text, greedy decode tokens/s.
