@@ -110,6 +110,10 @@ def _roll_back(ctx: CompileContext, manager: PassManager, results: list[PassResu
         if not slower:
             return {"sizes": rows, "rolled_back": rolled}
         ratios = ", ".join(f"{r['size']} {r['ratio']:.2f}x" for r in slower)
+        last = manager.last_applied(results)
+        if last is not None and last.for_memory:  # asked for fewer parameters at a cost in time: kept
+            return {"sizes": rows, "rolled_back": rolled,
+                    "kept": f"{last.name} saves parameters, not time: kept although slower ({ratios})"}
         undone = manager.roll_back_last(ctx, results, f"speed check: the compiled model was slower ({ratios})")
         if undone is None and compiled is not None and compiled.saved:  # no pass left: Inductor goes last
             compiled.undo()

@@ -1,8 +1,10 @@
-"""Recursion benchmark: ALBERT's weight-shared layers re-rolled (ONNX Loop, torch while_loop), and halting on the loop.
+"""Recursion benchmark: ALBERT's weight-shared layers re-rolled (ONNX Loop, torch while_loop), halting on the loop,
+and relaxed recursion of distinct stacks.
 
     .venv/bin/python benchmarks/recursion.py                        # every part
     .venv/bin/python benchmarks/recursion.py --parts onnx --models albert-tiny --exporters dynamo
     .venv/bin/python benchmarks/recursion.py --parts torch halting  # the other parts' results are kept
+    .venv/bin/python benchmarks/recursion.py --parts minilm lm      # relaxed recursion only
 
 ALBERT from its config with random weights (nothing downloaded): `albert-base` has albert-base-v2's shape
 (12 layers sharing one group, width 768, 12 heads, vocabulary 30000), `albert-tiny` the tests' 4-layer one. Each export
@@ -18,7 +20,19 @@ unrolled graph, the looped graph and torch.compile of the original, interleaved,
 halting: a small ALBERT classifier (12 steps of one shared layer, width 128) trained here for a few hundred steps on the
 train split of adaptc.calibrate.text (which corpus a passage comes from), compiled with `early_exit` on
 calibration texts at several quality targets; on held-out texts: the mean number of loop steps a row runs,
-agreement with the full model, and the time ratio at batch 32. Results: benchmarks/results/recursion-<device>.*
+agreement with the full model, and the time ratio at batch 32.
+
+minilm and lm (relaxed recursion, `passes=["recursion"]`, adaptc/runtime/recursion.py; code in _relaxed.py): N
+distinct blocks become K shared blocks (cycle sharing) plus per-position low-rank deltas (whitened SVD on
+input-weighted shared weights, as the pass does by default; plain SVD on averaged weights for comparison). For each
+K and rank: parameters (the stack's and the whole model's, shared weights once, deltas counted), held-out agreement
+with the original and throughput against it in the same interleaved rounds.
+- minilm: all-MiniLM-L6-v2 with a classification head fine-tuned as benchmarks/early_exit.py does; class agreement,
+  accuracy and the embedding's cosine on held-out passages, passages/s at batch 32; then the pass itself at quality
+  0.95 and 0.85. Target: >= 25% fewer parameters at >= 0.95 agreement.
+- lm: SmolLM2-135M relaxed to K = 15, 10, 6: held-out next-token agreement (teacher forced), perplexity of the
+  held-out text, greedy decode tokens/s.
+Results: benchmarks/results/recursion-<device>.* (a part not run keeps its last results).
 """
 from __future__ import annotations
 
@@ -36,6 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptc.convert import convert  # noqa: E402
 from tests.onnx.hf_exports import export_hf, export_model  # noqa: E402
 from _results import device_name, slug, write_results  # noqa: E402
+import _relaxed  # noqa: E402  (the relaxed-recursion parts)
+
+PARTS = ("onnx", "torch", "halting", "minilm", "lm")
 
 
 def albert(name: str, exporter: str, work: Path) -> Path:
@@ -201,12 +218,13 @@ def part_halting(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["onnx", "torch", "halting"])
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--models", default="albert-tiny,albert-base")
     parser.add_argument("--exporters", default="dynamo,torchscript")
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--qualities", type=float, nargs="+", default=[0.9, 0.95, 0.99])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    _relaxed.add_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     device = device_name("cpu")
@@ -219,6 +237,10 @@ def main() -> None:
         doc["torch"] = part_torch(args)
     if "halting" in args.parts:
         doc["halting"] = part_halting(args)
+    if "minilm" in args.parts:
+        doc["minilm"] = _relaxed.part_minilm(args)
+    if "lm" in args.parts:
+        doc["lm"] = _relaxed.part_lm(args)
     write_results(args.out, "recursion", device, doc, markdown(doc))
 
 
@@ -231,6 +253,7 @@ def markdown(doc: dict) -> str:
         lines += torch_table(doc["torch"])
     if doc.get("halting"):
         lines += halting_table(doc["halting"])
+    lines += _relaxed.markdown(doc)
     return "\n".join(lines) + "\n"
 
 

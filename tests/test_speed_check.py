@@ -100,3 +100,22 @@ def test_speed_check_false_leaves_the_rewrite_and_says_so(slow_pass):
     assert report["speed_check"] == {"enabled": False} and report["config"]["speed_check"] is False
     assert report["passes"][0]["status"] == "applied"
     assert any(isinstance(m, SlowLinear) for m in fast.modules())
+
+
+class SlowForMemory(SlowAtOneRow):
+    name = "slow_for_memory"
+    for_memory = True  # like recursion: asked for fewer parameters, at a cost in time
+
+
+def test_a_pass_for_memory_is_kept_although_slower(monkeypatch):
+    known = passes.registry()
+    monkeypatch.setattr(passes, "registry", lambda: {**known, SlowForMemory.name: SlowForMemory})
+    model, example = model_and_example()
+    fast = adaptc.compile(model, example_inputs=example, passes=["slow_for_memory"], capture="blocks", tune=False,
+                          speed_check=True)
+    report = adaptc.report(fast)
+    (result,) = report["passes"]
+    assert result["status"] == "applied" and report["speed_check"]["rolled_back"] == []
+    kept = report["speed_check"]["kept"]
+    assert kept.startswith("slow_for_memory saves parameters, not time: kept although slower (") and "one_row" in kept
+    assert any(isinstance(m, SlowLinear) for m in fast.modules())

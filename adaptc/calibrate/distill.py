@@ -133,3 +133,56 @@ def _logistic(z: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor
     with torch.enable_grad():
         opt.step(closure)
     return w.detach(), b.detach()
+
+
+def distill_outputs(student: nn.Module, teacher: nn.Module, batches: list[dict], kind: str,
+                    params: list[torch.Tensor], *, steps: int = 100, lr: float = 1e-3, seed: int = 0,
+                    progress: bool | None = None, desc: str = "distilling") -> DistillResult:
+    """Train only `params` (e.g. relaxed recursion's low-rank deltas) so that `student`'s outputs match the
+    frozen `teacher`'s on unlabeled batches: KL over classes (classifier) or next tokens at real tokens
+    (causal_lm), cosine of the mean-pooled state (embedding). Gradients reach `params` alone
+    (torch.autograd.grad): the rest of the model is never trained and no .grad is left on it."""
+    from ..progress import Steps
+
+    def loss_of(batch: dict) -> torch.Tensor:
+        valid = batch["attention_mask"].bool() if "attention_mask" in batch else \
+            torch.ones(batch["input_ids"].shape, dtype=torch.bool, device=batch["input_ids"].device)
+        with torch.no_grad():
+            want = teacher(**batch)
+        got = student(**batch)
+        if kind == "classifier":
+            return kl_to_teacher(got.logits.float(), want.logits.float())
+        if kind == "embedding":
+            w = valid.unsqueeze(-1).to(got.last_hidden_state.dtype)
+            mean = lambda h: (h * w).sum(1) / w.sum(1).clamp(min=1.0)  # noqa: E731
+            return cosine_to_teacher(mean(got.last_hidden_state).float(), mean(want.last_hidden_state).float())
+        return kl_to_teacher(got.logits[valid].float(), want.logits[valid].float())
+
+    gen = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    start = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            first = float(sum(loss_of(b) for b in batches) / len(batches))
+        with torch.enable_grad(), Steps(desc, steps, progress) as bar:
+            for _ in range(steps):
+                loss = loss_of(batches[int(torch.randint(0, len(batches), (1,), generator=gen))])
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = g
+                opt.step()
+                bar.advance(note=f"loss {loss.item():.4f}")
+            bar.done = f"distilled {len(params)} tensors ({steps} steps)"
+    finally:
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+    with torch.no_grad():
+        final = float(sum(loss_of(b) for b in batches) / len(batches))
+        if final > first:  # the SVD start was better: keep it
+            for p, s in zip(params, start):
+                p.copy_(s)
+            final = first
+    return DistillResult(steps, [first], [final])

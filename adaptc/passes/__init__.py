@@ -26,6 +26,7 @@ _LAZY = {
     "Reroll": "reroll", "RerollConfig": "reroll",
     "EarlyExit": "early_exit", "EarlyExitConfig": "early_exit",
     "TunedLinear": "tuned_linear", "TunedLinearConfig": "tuned_linear",
+    "Recursion": "recursion", "RecursionConfig": "recursion",
 }
 
 
@@ -40,6 +41,7 @@ def registry() -> dict[str, type[Pass]]:
     from .eager_attention_fusion import EagerAttentionFusion
     from .early_exit import EarlyExit
     from .moe_fusion import MoEFusion
+    from .recursion import Recursion
     from .reroll import Reroll
     from .sdpa_fusion import SdpaFusion
     from .sparse_attention import SparseAttention
@@ -50,9 +52,10 @@ def registry() -> dict[str, type[Pass]]:
     # attention op is the one that can lose (decode steps on a CPU). attention_fusion before
     # sdpa_fusion: what it takes over no longer calls SDPA for sdpa_fusion to find; sparse_attention
     # falls back to its exact op where a pattern does not apply; reroll last of the exact passes: its
-    # loop body is the block as the others left it.
+    # loop body is the block as the others left it. recursion last: it replaces the blocks' linear
+    # layers, which the passes before it read as they are.
     return {p.name: p for p in (MoEFusion, TunedLinear, AttentionFusion, SparseAttention, SdpaFusion,
-                                EagerAttentionFusion, Reroll, EarlyExit)}
+                                EagerAttentionFusion, Reroll, EarlyExit, Recursion)}
 
 
 def config_classes() -> dict[str, type[PassConfig]]:

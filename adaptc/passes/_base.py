@@ -225,6 +225,8 @@ class Pass:
     keeps_blocks: ClassVar[bool] = False
     config_class: ClassVar[type[PassConfig]] = PassConfig
     plan_class: ClassVar[type[Plan]] = Plan
+    # True: the pass saves memory (parameters), not time; the speed check reports it slower but keeps it.
+    for_memory: ClassVar[bool] = False
     # False: adaptc.save refuses a blocks-granularity module this pass rewrote (no rebuild from data).
     saveable: ClassVar[bool] = True
 
@@ -283,6 +285,11 @@ class PassManager:
     def __init__(self, passes: list[Pass]):
         self.passes = passes
         self.edits: dict[str, ModuleEdit] = {}  # each applied pass's edit, in order: roll_back_last undoes one
+
+    def last_applied(self, results: list[PassResult]) -> Pass | None:
+        """The most recently applied pass that can still be rolled back (what roll_back_last would undo)."""
+        applied = [r for r in results if r.status == "applied" and r.name in self.edits]
+        return next((p for p in self.passes if applied and p.name == applied[-1].name), None)
 
     def roll_back_last(self, ctx: CompileContext, results: list[PassResult], reason: str) -> PassResult | None:
         """Undo the most recently applied pass (later passes built on it, so only that one); None if none is."""
