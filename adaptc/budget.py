@@ -155,7 +155,12 @@ def _walk(runner: _Runner, ladders: list[int], batches, want, floor: float) -> d
 
 def _pareto(seen: dict[tuple[int, ...], dict]) -> list[tuple[int, ...]]:
     """Points no other point beats on both search agreement and expected cost, most agreeing first."""
-    pts = [p for p in seen if any(p)]  # the all-first point is the fallback, not a hypothesis
+    pts: dict[tuple[float, float], tuple[int, ...]] = {}  # equal measurements: the most conservative point
+    for p in seen:
+        if any(p):  # the all-first point is the fallback, not a hypothesis
+            key = (seen[p]["agreement"], seen[p]["cost"])
+            pts[key] = min(pts.get(key, p), p, key=lambda q: (sum(q), q))
+    pts = list(pts.values())
     front = [p for p in pts if not any(
         seen[o]["agreement"] >= seen[p]["agreement"] and seen[o]["cost"] <= seen[p]["cost"]
         and (seen[o]["agreement"], -seen[o]["cost"]) != (seen[p]["agreement"], -seen[p]["cost"]) for o in pts)]
@@ -389,6 +394,9 @@ def retarget(module: nn.Module, quality: float) -> nn.Module:
         raise AdaptcError(f"no recorded operating point is certified for quality {quality} at delta {budget['delta']}; "
                           f"certified: {available or 'none'} (of those tested: {budget['qualities']}); compile again "
                           "for another quality")
+    if budget.get("rolled_back_after"):
+        raise AdaptcError(f"compile's speed check rolled {', '.join(budget['rolled_back_after'])} back after the budget "
+                          "was certified: the recorded frontier no longer describes this module")
     if isinstance(module, CompiledModule) and module.eager is not None:
         raise AdaptcError("this module runs a captured graph: its settings are fixed in it; retarget needs block "
                           "granularity (capture='blocks')")
@@ -423,11 +431,10 @@ def plot_frontier(module_or_report: Any, path: str) -> str:
 
     budget, frontier = frontier_of(module_or_report)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    searched = [f for f in frontier]
-    ax.scatter([f["expected_speedup"] for f in searched], [f["search_agreement"] for f in searched], s=14,
+    ax.scatter([f["expected_speedup"] for f in frontier], [f["search_agreement"] for f in frontier], s=14,
                c="lightgray", label="searched (search rows)")
     tested = [f for f in frontier if f["tested"]]
-    ok = [f for f in tested if budget["quality"] in f["certified_for"] or f["certified_for"]]
+    ok = [f for f in tested if f["certified_for"]]
     ax.plot([f["held_out_expected_speedup"] for f in tested], [f["agreement"] for f in tested], "o-", color="tab:blue",
             ms=5, label="tested (held-out rows)")
     measured = [f for f in tested if f.get("measured_speedup")]

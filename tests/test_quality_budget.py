@@ -165,12 +165,19 @@ def tiny_llama():
     return tf.AutoModelForCausalLM.from_config(config).eval()
 
 
-def test_two_passes_on_a_causal_lm_share_one_budget():
+@pytest.fixture(scope="module")
+def lm_budget():
+    """A small Llama (both passes apply to causal LMs) compiled with one budget at 0.8."""
     model = tiny_llama()
     g = torch.Generator().manual_seed(0)
     cal = [(torch.randint(3, 128, (1, 256), generator=g),) for _ in range(12)]
     fast = adaptc.compile(model, example_inputs=cal[0], passes=["early_exit", "sparse_attention"], calibration=cal,
                           quality=0.8, tune=False, progress=False, first_exit=1)
+    return model, fast
+
+
+def test_two_passes_on_a_causal_lm_share_one_budget(lm_budget):
+    model, fast = lm_budget
     report = adaptc.report(fast)
     budget = report["budget"]
     assert sorted(budget["passes"]) == ["early_exit", "sparse_attention"]
@@ -184,6 +191,41 @@ def test_two_passes_on_a_causal_lm_share_one_budget():
         agree = (fast(ids).logits.argmax(-1) == model(ids).logits.argmax(-1)).float().mean()
     assert agree >= 0.8
     assert fast.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 259)
+
+
+def test_retarget_and_save_carry_both_passes_settings(lm_budget, tmp_path):
+    from adaptc.passes.sparse_attention import SparseAttentionPlan
+
+    model, fast = lm_budget
+    budget, frontier = adaptc.report(fast)["budget"], adaptc.report(fast)["frontier"]
+    other = [q for q in sorted({q for f in frontier for q in f["certified_for"]}) if q != 0.8]
+    assert other, "more than one quality is certified on this model"
+    adaptc.retarget(fast, quality=other[-1])
+    (chosen,) = [f for f in adaptc.report(fast)["frontier"] if f["chosen"]]
+    assert other[-1] in chosen["certified_for"]
+    sparse = budget["knobs"]["sparse_attention"][chosen["settings"]["sparse_attention"]]["patterns"]
+    for path, data in sparse.items():
+        assert fast.get_submodule(path).adaptc_sparse_pattern == SparseAttentionPlan.from_dict(data).pattern
+    adaptc.save(fast, tmp_path / "lm.adaptc")
+    back = adaptc.load(tmp_path / "lm.adaptc")
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, fast(ids).logits, rtol=1e-4, atol=1e-4)
+    assert adaptc.report(back)["budget"]["chosen"] == chosen["id"]
+
+
+def test_report_command_says_what_it_cannot_read(tmp_path):
+    from click.testing import CliRunner
+
+    from adaptc.cli import main
+
+    (tmp_path / "junk.adaptc").write_text("not a zip")
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "junk.adaptc")])
+    assert result.exit_code == 1 and "not a readable adaptc file" in result.output
+    fast = adaptc.compile(torch.nn.Linear(3, 3), (torch.randn(2, 3),), tune=False)
+    adaptc.save(fast, tmp_path / "lin.adaptc")
+    result = CliRunner().invoke(main, ["report", str(tmp_path / "lin.adaptc"), "--plot", str(tmp_path / "x.png")])
+    assert result.exit_code == 1 and "no recorded frontier" in result.output
 
 
 def test_a_single_approximate_pass_calibrates_alone_as_before():
