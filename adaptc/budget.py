@@ -43,9 +43,9 @@ from .errors import AdaptcError
 from .passes._base import CompileContext, Decline, Knob, ModuleEdit, Pass, PassResult
 
 QUALITIES = (0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995)
-FIT_SHARE, SEARCH_SHARE = 0.4, 0.2  # of the calibration items; the rest certify
-MAX_EVALUATIONS = 48                # search runs on the SEARCH rows, at most
-MAX_TESTED = 16                     # points in the fixed sequence, at most
+FIT_SHARE, SEARCH_SHARE = 0.5, 0.15  # of the calibration items; the rest (0.35) certify
+MAX_EVALUATIONS = 64                # search runs on the SEARCH rows, at most
+MAX_TESTED = 24                     # points in the fixed sequence, at most (no multiplicity cost: compute only)
 SEARCH_MARGIN = 0.02                # the walk goes this far below the lowest quality of interest
 DEFAULT_QUALITY, DEFAULT_DELTA = 0.99, 0.1
 

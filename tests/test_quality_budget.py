@@ -185,7 +185,7 @@ def test_two_passes_on_a_causal_lm_share_one_budget(lm_budget):
     assert set(budget["spent"]) == {"early_exit", "sparse_attention", "joint"}
     (chosen,) = [f for f in report["frontier"] if f["chosen"]]
     assert 0.8 in chosen["certified_for"] and set(chosen["settings"]) == {"early_exit", "sparse_attention"}
-    assert budget["evaluations"]["search"] >= 3 and budget["rows"]["certify_items"] >= 5
+    assert budget["evaluations"]["search"] >= 3 and budget["rows"]["certify_items"] >= 4
     ids = torch.randint(3, 128, (1, 256), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         agree = (fast(ids).logits.argmax(-1) == model(ids).logits.argmax(-1)).float().mean()

@@ -35,7 +35,10 @@ LM_SPACINGS = (1, 2, 3, 4, 6, 8)
 LM_DRIFT_ROUNDS = 3
 RAW_SAMPLE = 512
 DEFAULT_QUALITY, DEFAULT_DELTA = 0.99, 0.1
-LADDER = 12  # threshold settings offered to a joint quality budget, "never exit" included
+LADDER = 24  # threshold settings offered to a joint quality budget, "never exit" included
+# Under a joint budget the thresholds are certified on rows of their own, so the fitting rows go mostly to
+# the heads; the rest only shape the ladder (as the single pass's distill_fraction does with more rows).
+KNOB_FIT_FRACTION = 0.7
 
 
 def calibration_batches(calibration: Any, tokenizer: Any = None, size: int = 16,
@@ -279,8 +282,8 @@ class EarlyExit(Pass):
         chosen = choose_exits(trials, quality, delta, details)
         return chosen if isinstance(chosen, str) else EarlyExitPlan(chosen, hidden, heads)
 
-    def _fit_encoder(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches,
-                     details: dict[str, Any]) -> tuple[nn.ModuleList, int, list] | str:
+    def _fit_encoder(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches, details: dict[str, Any],
+                     fit_fraction: float | None = None) -> tuple[nn.ModuleList, int, list] | str:
         """Exit heads distilled on part of the rows, and every measure's (confidence, agreement, cost)
         on the rest: what choose_exits (one pass) or the joint budget's ladder is built from."""
         from ..calibrate.distill import cosine_to_teacher, distill_heads, kl_to_teacher, least_squares_init
@@ -297,7 +300,7 @@ class EarlyExit(Pass):
         R, T = torch.cat(readouts, 1), torch.cat(teacher)
         n = T.shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.config.seed))
-        n_train = int(n * float(self.config.distill_fraction))
+        n_train = int(n * float(fit_fraction or self.config.distill_fraction))
         train, held = perm[:n_train], perm[n_train:]
         exits = list(range(L - 1))
         hidden = R.shape[-1]
@@ -408,8 +411,8 @@ class EarlyExit(Pass):
         details["drift_rounds"] = rounds
         return chosen
 
-    def _fit_lm(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches,
-                details: dict[str, Any]) -> tuple[LMExitHeads, list[int], int, list] | str:
+    def _fit_lm(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches, details: dict[str, Any],
+                fit_fraction: float | None = None) -> tuple[LMExitHeads, list[int], int, list] | str:
         """Adapters and predictors fitted on some passages, every (measure, spacing) trial measured on
         the others: (heads, candidate exit blocks, width, trials)."""
         from ..calibrate.distill import fit_agreement_predictor, least_squares_init
@@ -422,7 +425,8 @@ class EarlyExit(Pass):
             return "too few blocks to place an exit"
         # Passages, not tokens, are split between fitting (adapters, predictors) and calibrating the
         # thresholds: tokens of one passage are alike, and the guarantee needs unseen data.
-        fit, cal = self._lm_states(ctx, teacher_layers, batches, candidates, float(self.config.distill_fraction))
+        fit, cal = self._lm_states(ctx, teacher_layers, batches, candidates,
+                                   float(fit_fraction or self.config.distill_fraction))
         D = fit["states"].shape[-1]
         ref = s.lm_head.weight
         heads = LMExitHeads(D, len(candidates), predictors=True).to(ref.device, ref.dtype)
@@ -487,9 +491,9 @@ class EarlyExit(Pass):
         if s.kind == "causal_lm":
             if kv_projection_for(s.layers) is None:
                 return Decline(f"{no_kv_projection_reason(s.layers)}: exited tokens would leave holes in the cache", details)
-            fitted = self._fit_lm(ctx, s, teacher_layers, batches, details)
+            fitted = self._fit_lm(ctx, s, teacher_layers, batches, details, KNOB_FIT_FRACTION)
         else:
-            fitted = self._fit_encoder(ctx, s, teacher_layers, batches, details)
+            fitted = self._fit_encoder(ctx, s, teacher_layers, batches, details, KNOB_FIT_FRACTION)
         if isinstance(fitted, str):
             return Decline(fitted, details)
         trials = fitted[-1]
