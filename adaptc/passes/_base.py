@@ -19,7 +19,8 @@ Approximate passes that share one quality budget with others (adaptc/budget.py) 
   of settings, most conservative first, `settings[0]` computing what the original does.
 - `retune(model, setting, plans) -> plans`: put one of those settings on an applied model in place
   (the compile's working model, or a loaded one: adaptc.retarget) and return the site plans' saved
-  data for it. The budget searches and certifies the settings end to end; the pass never sees `quality`.
+  data for it. The budget searches and certifies the settings end to end; a pass may read `quality` to
+  pick what its ladder spans (early exit: its measure and exit blocks), never to certify.
 Each plan's and decline's `details` (what the pass measured) become the report's PassResult.details.
 """
 from __future__ import annotations
