@@ -193,6 +193,23 @@ def test_two_passes_on_a_causal_lm_share_one_budget(lm_budget):
     assert fast.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 259)
 
 
+def test_the_budget_holds_in_bf16():
+    model = tiny_llama().to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    cal = [(torch.randint(3, 128, (1, 256), generator=g),) for _ in range(12)]
+    fast = adaptc.compile(model, example_inputs=cal[0], passes=["early_exit", "sparse_attention"], calibration=cal,
+                          quality=0.8, tune=False, progress=False, first_exit=1)
+    report = adaptc.report(fast)
+    assert [p["status"] for p in report["passes"]] == ["applied", "applied"], report["passes"]
+    (chosen,) = [f for f in report["frontier"] if f["chosen"]]
+    assert 0.8 in chosen["certified_for"]
+    ids = torch.randint(3, 128, (4, 256), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        got = fast(ids).logits
+    assert got.dtype == torch.bfloat16
+    assert (got.argmax(-1) == model(ids).logits.argmax(-1)).float().mean() >= 0.8
+
+
 def test_retarget_and_save_carry_both_passes_settings(lm_budget, tmp_path):
     from adaptc.passes.sparse_attention import SparseAttentionPlan
 
