@@ -241,7 +241,7 @@ def run_budget(ctx: CompileContext, group: list[Pass], manager: Any) -> list[Pas
     want_search, t_search = runner.reference(search)
     seen = _walk(runner, [len(k.settings) for _, k in live], search, want_search, min(qualities) - SEARCH_MARGIN)
     front = _pareto(seen)
-    want_held, t_held = runner.reference(held)
+    want_held, _ = runner.reference(held)
     tested = {pt: runner.run(pt, held, want_held) for pt in front}
     sequence = [tested[pt] for pt in front]
     certified_for = {q: front[:certify(sequence, q, delta)] for q in qualities}
@@ -290,9 +290,8 @@ def run_budget(ctx: CompileContext, group: list[Pass], manager: Any) -> list[Pas
                f"(p-value {hoeffding_bentkus_pvalue(1 - first['agreement'], first['n'], 1 - quality):.3g})"
                if first else f"no setting but the original keeps agreement >= {min(qualities) - SEARCH_MARGIN:.2f} "
                              "on the search rows")
+        _roll_back(ctx, live, edits)
         for p, _ in live:
-            edits[p.name].rollback()
-            ctx.working = edits[p.name].root
             r = results[p.name]
             r.status, r.reason, r.sites = "skipped", why, []
         record["declined"] = why
@@ -306,12 +305,13 @@ def run_budget(ctx: CompileContext, group: list[Pass], manager: Any) -> list[Pas
     record["chosen"] = chosen["id"]
     record["spent"] = _spent(runner, live, best, seen, search, want_search)
     check = _runs_on_checks(ctx)
+    if check:
+        _roll_back(ctx, live, edits)
+        record["declined"] = f"verification failed: {check}"
     for (p, knob), i in zip(live, best):
         r = results[p.name]
         if check:
-            edits[p.name].rollback()
-            ctx.working = edits[p.name].root
-            r.status, r.reason, r.sites = "rolled_back", f"verification failed: {check}", []
+            r.status, r.reason, r.sites = "rolled_back", record["declined"], []
             continue
         r.status, r.plans = "applied", knob.plans(i)
         r.details = {**knob.details, "budget": {"setting": _label(knob.settings[i]), **record["spent"][p.name]}}
@@ -321,6 +321,13 @@ def run_budget(ctx: CompileContext, group: list[Pass], manager: Any) -> list[Pas
         "kind": "quality", "metric": "end-to-end agreement with the original", "target": quality, "delta": delta,
         "agreement": chosen["agreement"], "samples": chosen["certify_rows"], "procedure": record["procedure"]}
     return list(results.values())
+
+
+def _roll_back(ctx: CompileContext, live: list[tuple[Pass, Knob]], edits: dict[str, ModuleEdit]) -> None:
+    """Undo every live pass, the last applied first (later edits were made on top of earlier ones)."""
+    for p, _ in reversed(live):
+        edits[p.name].rollback()
+        ctx.working = edits[p.name].root
 
 
 def _spent(runner: _Runner, live, best, seen, search, want) -> dict[str, dict[str, Any]]:
@@ -394,6 +401,9 @@ def retarget(module: nn.Module, quality: float) -> nn.Module:
         raise AdaptcError(f"no recorded operating point is certified for quality {quality} at delta {budget['delta']}; "
                           f"certified: {available or 'none'} (of those tested: {budget['qualities']}); compile again "
                           "for another quality")
+    if budget.get("declined"):
+        raise AdaptcError(f"the quality budget left every pass out ({budget['declined']}): there is no operating point "
+                          "installed to move from; compile again")
     if budget.get("rolled_back_after"):
         raise AdaptcError(f"compile's speed check rolled {', '.join(budget['rolled_back_after'])} back after the budget "
                           "was certified: the recorded frontier no longer describes this module")

@@ -262,6 +262,13 @@ def test_a_single_approximate_pass_calibrates_alone_as_before():
     assert "guarantee" in adaptc.report(alone)["passes"][0]["details"]
     one = adaptc.compile(model, budget=True, **kw)  # asked for: a frontier for one pass too
     assert adaptc.report(one)["budget"]["passes"] == ["early_exit"]
+    # Nothing certified (0.995 needs more held-out rows than these): every pass left out, with the numbers.
+    strict = adaptc.compile(model, budget=True, **{**kw, "quality": 0.995})
+    (entry,) = adaptc.report(strict)["passes"]
+    assert entry["status"] == "skipped" and "no joint setting is certified end to end" in entry["reason"]
+    assert "p-value" in entry["reason"] and encoder_runtime_of(strict) is None
+    with pytest.raises(AdaptcError, match="left every pass out"):
+        adaptc.retarget(strict, quality=0.8)
 
 
 def test_fixed_sequence_certification_stops_at_the_first_failure():
