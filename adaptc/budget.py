@@ -283,9 +283,16 @@ def run_budget(ctx: CompileContext, group: list[Pass], manager: Any) -> list[Pas
     for p, _ in live:
         r = results[p.name]
         r.seconds = time.perf_counter() - started[p.name]
+    best = min(ok, key=lambda pt: (tested[pt]["cost"], pt)) if ok else None
+    if best is not None and tested[best]["cost"] >= 1.0 - 1e-9:  # as one pass declines exits that do not pay
+        why = (f"the cheapest point certified for quality {quality} saves nothing: expected cost "
+               f"{tested[best]['cost']:.3f} of the original ({', '.join(f'{n}: {l}' for n, l in ids[best]['labels'].items())})")
+        best, ok = None, []
+    else:
+        why = ""
     if not ok:
         first = sequence[0] if sequence else None
-        why = (f"no joint setting is certified end to end for quality {quality} at delta {delta}: the most conservative "
+        why = why or (f"no joint setting is certified end to end for quality {quality} at delta {delta}: the most conservative "
                f"tested point agrees {first['agreement']:.4f} on {first['n']} held-out samples "
                f"(p-value {hoeffding_bentkus_pvalue(1 - first['agreement'], first['n'], 1 - quality):.3g})"
                if first else f"no setting but the original keeps agreement >= {min(qualities) - SEARCH_MARGIN:.2f} "
@@ -298,7 +305,6 @@ def run_budget(ctx: CompileContext, group: list[Pass], manager: Any) -> list[Pas
         manager.budget = {"record": record, "frontier": frontier}
         return list(results.values())
 
-    best = min(ok, key=lambda pt: (tested[pt]["cost"], pt))
     runner.install(best)
     chosen = ids[best]
     chosen["chosen"] = True
