@@ -10,7 +10,7 @@ Importing adaptc is cheap and never touches a GPU: the pipeline loads on first u
 from ._version import VERSION as __version__
 from .errors import AdaptcError, CaptureError, SaveLoadError, VerificationError
 
-__all__ = ["compile", "report", "save", "load", "export_onnx", "AdaptcError", "CaptureError", "SaveLoadError", "VerificationError"]
+__all__ = ["compile", "report", "save", "load", "export_onnx", "retarget", "plot_frontier", "AdaptcError", "CaptureError", "SaveLoadError", "VerificationError"]
 
 
 def __getattr__(name):
@@ -54,3 +54,18 @@ def export_onnx(module, example_inputs=None, path="model.onnx", verify=True):
     from .export import export_onnx as _export_onnx
 
     return _export_onnx(module, example_inputs, path, verify=verify)
+
+
+def retarget(module, quality):
+    """Move a compiled module to another operating point of its recorded frontier, one certified for
+    `quality` (same delta), without re-calibrating; see `adaptc.budget.retarget`."""
+    from .budget import retarget as _retarget
+
+    return _retarget(module, quality)
+
+
+def plot_frontier(module, path):
+    """Draw a compiled module's (or a report's) speed-vs-quality frontier to `path`, the chosen point marked."""
+    from .budget import plot_frontier as _plot
+
+    return _plot(module, path)

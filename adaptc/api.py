@@ -110,6 +110,11 @@ def compile(
         "inductor": dense,
         "compile_seconds": round(time.perf_counter() - start, 3),
     }
+    if manager.budget is not None:  # one quality budget over the approximate passes (adaptc/budget.py)
+        report["budget"], report["frontier"] = manager.budget["record"], manager.budget["frontier"]
+        undone = [r["pass"] for r in speed.get("rolled_back", []) if r["pass"] in report["budget"]["passes"]]
+        if undone:  # the certificate was for all of them: the frontier no longer describes this module
+            report["budget"]["rolled_back_after"] = undone
     plan = {r.name: {path: site_plan.to_dict() for path, site_plan in r.plans.items()}
             for r in results if r.status == "applied"}
     return attach(emitted, CompiledState(report, plan, config.to_dict()))

@@ -38,6 +38,10 @@ class CompileConfig:
     # Progress bars for the long steps (distillation, tuning): None shows them when stderr is a
     # terminal, else one summary line a step; True always; False never, and no summary lines either.
     progress: bool | None = None
+    # One quality budget for the approximate passes (adaptc/budget.py): their settings searched jointly and
+    # certified end to end, the frontier recorded. None: when two or more approximate passes are selected;
+    # True: also for one (a frontier to retarget on); False: each pass calibrates alone.
+    budget: bool | None = None
     # The selected passes' typed configs by pass name (adaptc.passes: EarlyExitConfig, ...).
     pass_configs: dict[str, Any] = field(default_factory=dict)
 
@@ -50,6 +54,8 @@ class CompileConfig:
             raise ValueError(f"quality must be in (0, 1], got {self.quality}")
         if self.verify_random_inputs < 0:
             raise ValueError("verify_random_inputs must be >= 0")
+        if self.budget not in (None, True, False):
+            raise ValueError(f"budget must be None (two or more approximate passes), True or False, got {self.budget!r}")
         if self.progress not in (None, True, False):
             raise ValueError(f"progress must be None (bars on a terminal), True or False, got {self.progress!r}")
         if self.tune_trials < 1 or self.tune_seconds <= 0:

@@ -13,6 +13,14 @@ The interface, phase by phase (`Pass` below):
 - `verify(ctx, plans) -> Comparison-like`: after every site is applied, with {site path: plan}.
 - `rebuild(module, plan, model) -> nn.Module`: for adaptc.load, the rewrite again on a rebuilt model
   from `plan_class.from_dict(plan.to_dict())`. Required unless the pass sets `saveable = False`.
+Approximate passes that share one quality budget with others (adaptc/budget.py) also implement:
+- `knob(ctx, sites) -> Knob | Decline | str`: fit what does not depend on the setting (exit heads,
+  attention mass) on `ctx.calibration` (the budget hands it the fitting rows only) and offer a ladder
+  of settings, most conservative first, `settings[0]` computing what the original does.
+- `retune(model, setting, plans) -> plans`: put one of those settings on an applied model in place
+  (the compile's working model, or a loaded one: adaptc.retarget) and return the site plans' saved
+  data for it. The budget searches and certifies the settings end to end; a pass may read `quality` to
+  pick what its ladder spans (early exit: its measure and exit blocks), never to certify.
 Each plan's and decline's `details` (what the pass measured) become the report's PassResult.details.
 """
 from __future__ import annotations
@@ -207,6 +215,19 @@ class Plan:
 
 
 @dataclass
+class Knob:
+    """What one approximate pass offers the joint quality budget: its settings as JSON data (what the
+    report shows and `retune` reads back), most conservative first; the site plans that `apply`
+    installs (at settings[0]) and that are saved for setting i; and, after rows ran, the share of the
+    model's work the installed setting left (the pass's cost model, from what the runtime did)."""
+
+    settings: list[dict[str, Any]]
+    plans: Callable[[int], dict[str, "Plan"]]
+    cost: Callable[[nn.Module], float]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Decline:
     """`check`'s answer for a site it will not rewrite: why, and what it measured to decide."""
 
@@ -280,11 +301,21 @@ class Pass:
         """For adaptc.load: what goes at the site (`module`, of the rebuilt `model`) for a saved plan."""
         raise NotImplementedError
 
+    def knob(self, ctx: CompileContext, sites: list[Site]) -> "Knob | Decline | str | None":
+        """The pass's settings for a joint quality budget; None: it does not take part (it calibrates alone)."""
+        return None
+
+    def retune(self, model: nn.Module, setting: dict[str, Any], plans: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Put `setting` (one of knob()'s) on `model`, already rewritten by this pass; the new site plans' data."""
+        raise NotImplementedError
+
 
 class PassManager:
     def __init__(self, passes: list[Pass]):
         self.passes = passes
         self.edits: dict[str, ModuleEdit] = {}  # each applied pass's edit, in order: roll_back_last undoes one
+        self.budget: dict[str, Any] | None = None  # the joint quality budget's record and frontier, when one ran
+        self.budget_verification: dict[str, Any] | None = None
 
     def last_applied(self, results: list[PassResult]) -> Pass | None:
         """The most recently applied pass that can still be rolled back (what roll_back_last would undo)."""
@@ -304,8 +335,17 @@ class PassManager:
         return result
 
     def run(self, ctx: CompileContext) -> tuple[list[PassResult], dict[str, dict[str, Any]]]:
+        from ..budget import joint_passes, run_budget
+
+        group = joint_passes(self.passes, ctx.config)  # approximate passes under one quality budget
         results, verification = [], {}
         for p in self.passes:
+            if p in group:
+                if p is group[-1]:  # where the last of them would run: the exact passes before it have run
+                    results.extend(run_budget(ctx, group, self))
+                    if self.budget_verification is not None:
+                        verification["budget"] = self.budget_verification
+                continue
             start = time.perf_counter()
             result = self._run_one(ctx, p, verification)
             result.seconds = time.perf_counter() - start

@@ -24,10 +24,10 @@ from ..analysis.kv_projection import kv_projection_for, no_kv_projection_reason
 from ..analysis.layer_stack import LayerStack, find_layer_stack
 from ..errors import AdaptcError, SaveLoadError
 from ..runtime.early_exit import (EarlyExitEncoder, ExitAdapter, ExitPlan, LMExitHeads, cosine01, encoder_readout,
-                                  encoder_signals, install_lm_exits, lm_token_signals, masked_mean,
-                                  predictor_features)
+                                  encoder_runtime_of, encoder_signals, exit_stats, install_lm_exits, lm_exits_of,
+                                  lm_token_signals, masked_mean, predictor_features)
 from ..verify import Comparison
-from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
+from ._base import CompileContext, Decline, Knob, ModuleEdit, Pass, Plan, Site
 from ._config import PassConfig, option
 
 ENCODER_MEASURES = {"classifier": ("softmax_max", "margin", "saturation"), "embedding": ("saturation",)}
@@ -36,6 +36,10 @@ LM_SPACINGS = (1, 2, 3, 4, 6, 8)
 LM_DRIFT_ROUNDS = 3
 RAW_SAMPLE = 512
 DEFAULT_QUALITY, DEFAULT_DELTA = 0.99, 0.1
+LADDER = 24  # threshold settings offered to a joint quality budget, "never exit" included
+# Under a joint budget the thresholds are certified on rows of their own, so the fitting rows go mostly to
+# the heads; the rest only shape the ladder (as the single pass's distill_fraction does with more rows).
+KNOB_FIT_FRACTION = 0.7
 
 
 def calibration_batches(calibration: Any, tokenizer: Any = None, size: int = 16,
@@ -99,20 +103,24 @@ def layer_states(model: nn.Module, layers: nn.ModuleList, batch: dict) -> tuple[
 def runtime_agreement(original: nn.Module, compiled: nn.Module, kind: str, batches: list[dict]) -> float:
     """Agreement of `compiled` with `original`: same class / cosine of the mean-pooled embedding /
     same next token (every real token, exits and their K/V propagation included)."""
-    hits, count = 0.0, 0
-    for b in batches:
-        want, got = original(**b), compiled(**b)
-        valid = _valid(b)
-        if kind == "classifier":
-            hits += float((want.logits.argmax(-1) == got.logits.argmax(-1)).sum())
-            count += len(valid)
-        elif kind == "embedding":
-            hits += float(cosine01(masked_mean(got.last_hidden_state, valid), masked_mean(want.last_hidden_state, valid)).sum())
-            count += len(valid)
-        else:
-            hits += float((want.logits[valid].argmax(-1) == got.logits[valid].argmax(-1)).sum())
-            count += int(valid.sum())
-    return hits / max(count, 1)
+    rows = [agreement_rows(output_summary(original(**b), kind, b), output_summary(compiled(**b), kind, b), kind)
+            for b in batches]
+    return float(torch.cat(rows).sum()) / max(sum(r.numel() for r in rows), 1)
+
+
+def output_summary(out: Any, kind: str, batch: dict) -> torch.Tensor:
+    """What agreement compares, small enough to keep for many batches: the predicted class per row,
+    the mean-pooled embedding per row, or the next token per real token (causal LM)."""
+    if kind == "classifier":
+        return out.logits.argmax(-1)
+    if kind == "embedding":
+        return masked_mean(out.last_hidden_state, _valid(batch))
+    return out.logits[_valid(batch)].argmax(-1)
+
+
+def agreement_rows(want: torch.Tensor, got: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per sample agreement in [0, 1] of two output summaries: the losses Learn-then-Test certifies."""
+    return cosine01(got, want) if kind == "embedding" else (want == got).float()
 
 
 def _weights(module: nn.Module) -> int:
@@ -274,6 +282,17 @@ class EarlyExit(Pass):
 
     def _plan_encoder(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches, quality, delta,
                       details: dict[str, Any]) -> EarlyExitPlan | str:
+        fitted = self._fit_encoder(ctx, s, teacher_layers, batches, details)
+        if isinstance(fitted, str):
+            return fitted
+        heads, hidden, trials = fitted
+        chosen = choose_exits(trials, quality, delta, details)
+        return chosen if isinstance(chosen, str) else EarlyExitPlan(chosen, hidden, heads)
+
+    def _fit_encoder(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches, details: dict[str, Any],
+                     fit_fraction: float | None = None) -> tuple[nn.ModuleList, int, list] | str:
+        """Exit heads distilled on part of the rows, and every measure's (confidence, agreement, cost)
+        on the rest: what choose_exits (one pass) or the joint budget's ladder is built from."""
         from ..calibrate.distill import cosine_to_teacher, distill_heads, kl_to_teacher, least_squares_init
 
         L = len(s.layers)
@@ -288,7 +307,7 @@ class EarlyExit(Pass):
         R, T = torch.cat(readouts, 1), torch.cat(teacher)
         n = T.shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(ctx.config.seed))
-        n_train = int(n * float(self.config.distill_fraction))
+        n_train = int(n * float(fit_fraction or self.config.distill_fraction))
         train, held = perm[:n_train], perm[n_train:]
         exits = list(range(L - 1))
         hidden = R.shape[-1]
@@ -317,8 +336,7 @@ class EarlyExit(Pass):
         cost = cost_fractions(exits, layer_cost, exit_cost, L)
         details.update({"calibration_rows": int(held.numel()), "cost_model": "weight multiply-adds per row"})
         trials = [(m, exits, torch.stack([x[m] for x in sig], 1), agree, cost) for m in ENCODER_MEASURES[s.kind]]
-        chosen = choose_exits(trials, quality, delta, details)
-        return chosen if isinstance(chosen, str) else EarlyExitPlan(chosen, hidden, heads)
+        return heads, hidden, trials
 
     @torch.no_grad()
     def _lm_states(self, ctx, teacher_layers: nn.ModuleList, batches, candidates: list[int],
@@ -361,6 +379,49 @@ class EarlyExit(Pass):
 
     def _plan_lm(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches, quality, delta,
                  details: dict[str, Any]) -> EarlyExitPlan | str:
+        fitted = self._fit_lm(ctx, s, teacher_layers, batches, details)
+        if isinstance(fitted, str):
+            return fitted
+        heads, candidates, D, trials = fitted
+        # The thresholds are fitted on the full model's states, but at run time later tokens attend to
+        # exited tokens' propagated K/V. Measure that drift with the real runtime and, where it costs
+        # agreement, refit against a target raised by the shortfall (each round pays its delta share).
+        target, step, rounds = quality, 0.0, []
+        for _ in range(LM_DRIFT_ROUNDS):
+            chosen = choose_exits(trials, target, delta / LM_DRIFT_ROUNDS, details)
+            if isinstance(chosen, str):
+                break
+            plan = EarlyExitPlan(chosen, D, self._heads_for(chosen, heads, candidates))
+            edit = ModuleEdit(ctx.working)
+            install_lm_exits(ctx.working, s.layers, plan.exits, s.norm, s.lm_head, plan.heads, set_attr=edit.set_attr)
+            try:
+                measured = runtime_agreement(ctx.original, ctx.working, "causal_lm", batches)
+            finally:
+                edit.rollback()
+            rounds.append({"ltt_target": round(target, 5), "calibrated_agreement": round(details["measured_agreement"], 5),
+                           "runtime_agreement": round(measured, 5),
+                           "expected_speedup": details["expected_speedup"]})
+            if measured >= quality:
+                plan.runtime_agreement = measured  # verify() reuses it: same plan, same data
+                chosen = plan
+                break
+            # Raise the target by the drift itself (what calibration promised minus what the runtime
+            # gave), and at least double the last step: a raise too small to move a threshold gives
+            # the same plan again.
+            drift = details["measured_agreement"] - measured
+            step = max(2 * step, quality - measured + 1e-3)
+            target = max(target + step, quality + drift + 1e-3)
+            chosen = f"with K/V propagation the runtime agreement stays below {quality} (last {measured:.4f})"
+            if target >= 1.0:
+                chosen += f"; covering a drift of {drift:.4f} would need a calibrated agreement of 1"
+                break
+        details["drift_rounds"] = rounds
+        return chosen
+
+    def _fit_lm(self, ctx, s: LayerStack, teacher_layers: nn.ModuleList, batches, details: dict[str, Any],
+                fit_fraction: float | None = None) -> tuple[LMExitHeads, list[int], int, list] | str:
+        """Adapters and predictors fitted on some passages, every (measure, spacing) trial measured on
+        the others: (heads, candidate exit blocks, width, trials)."""
         from ..calibrate.distill import fit_agreement_predictor, least_squares_init
 
         L = len(s.layers)
@@ -371,7 +432,8 @@ class EarlyExit(Pass):
             return "too few blocks to place an exit"
         # Passages, not tokens, are split between fitting (adapters, predictors) and calibrating the
         # thresholds: tokens of one passage are alike, and the guarantee needs unseen data.
-        fit, cal = self._lm_states(ctx, teacher_layers, batches, candidates, float(self.config.distill_fraction))
+        fit, cal = self._lm_states(ctx, teacher_layers, batches, candidates,
+                                   float(fit_fraction or self.config.distill_fraction))
         D = fit["states"].shape[-1]
         ref = s.lm_head.weight
         heads = LMExitHeads(D, len(candidates), predictors=True).to(ref.device, ref.dtype)
@@ -418,40 +480,71 @@ class EarlyExit(Pass):
                 cost = cost_fractions(exits, layer_cost, exit_cost[m], L, shared_cost=head_cost,
                                       skipped_cost=kv_cost, leave_cost=D * D)
                 trials.append((m, exits, C[m][:, cols], A[:, cols], cost))
-        # The thresholds are fitted on the full model's states, but at run time later tokens attend to
-        # exited tokens' propagated K/V. Measure that drift with the real runtime and, where it costs
-        # agreement, refit against a target raised by the shortfall (each round pays its delta share).
-        target, step, rounds = quality, 0.0, []
-        for _ in range(LM_DRIFT_ROUNDS):
-            chosen = choose_exits(trials, target, delta / LM_DRIFT_ROUNDS, details)
-            if isinstance(chosen, str):
-                break
-            plan = EarlyExitPlan(chosen, D, self._heads_for(chosen, heads, candidates))
-            edit = ModuleEdit(ctx.working)
-            install_lm_exits(ctx.working, s.layers, plan.exits, s.norm, s.lm_head, plan.heads, set_attr=edit.set_attr)
-            try:
-                measured = runtime_agreement(ctx.original, ctx.working, "causal_lm", batches)
-            finally:
-                edit.rollback()
-            rounds.append({"ltt_target": round(target, 5), "calibrated_agreement": round(details["measured_agreement"], 5),
-                           "runtime_agreement": round(measured, 5),
-                           "expected_speedup": details["expected_speedup"]})
-            if measured >= quality:
-                plan.runtime_agreement = measured  # verify() reuses it: same plan, same data
-                chosen = plan
-                break
-            # Raise the target by the drift itself (what calibration promised minus what the runtime
-            # gave), and at least double the last step: a raise too small to move a threshold gives
-            # the same plan again.
-            drift = details["measured_agreement"] - measured
-            step = max(2 * step, quality - measured + 1e-3)
-            target = max(target + step, quality + drift + 1e-3)
-            chosen = f"with K/V propagation the runtime agreement stays below {quality} (last {measured:.4f})"
-            if target >= 1.0:
-                chosen += f"; covering a drift of {drift:.4f} would need a calibrated agreement of 1"
-                break
-        details["drift_rounds"] = rounds
-        return chosen
+        return heads, candidates, D, trials
+
+    # -- joint quality budget (adaptc/budget.py) -------------------------------------------------
+    def knob(self, ctx: CompileContext, sites: list[Site]) -> Knob | Decline:
+        """Heads fitted as for one pass; the measure and exit blocks that choose_exits finds cheapest on
+        these (fitting) rows; then that measure's Learn-then-Test threshold family, thinned to a ladder
+        from "never exit" to the most aggressive. Nothing here is certified: the budget does it."""
+        from ..calibrate.thresholds import threshold_family
+
+        (site,) = sites
+        quality = ctx.config.quality or DEFAULT_QUALITY
+        s: LayerStack = site.info["stack"]
+        batches = self._batches(ctx)
+        teacher_layers = find_layer_stack(ctx.original).layers
+        details = {"kind": s.kind, "num_layers": len(s.layers), "calibration_batches": len(batches)}
+        if s.kind == "causal_lm":
+            if kv_projection_for(s.layers) is None:
+                return Decline(f"{no_kv_projection_reason(s.layers)}: exited tokens would leave holes in the cache", details)
+            fitted = self._fit_lm(ctx, s, teacher_layers, batches, details, KNOB_FIT_FRACTION)
+        else:
+            fitted = self._fit_encoder(ctx, s, teacher_layers, batches, details, KNOB_FIT_FRACTION)
+        if isinstance(fitted, str):
+            return Decline(fitted, details)
+        trials = fitted[-1]
+        pick = choose_exits(trials, quality, float(self.config.delta), {"kind": s.kind})
+        measure, exits = (pick.measure, pick.exit_layers) if isinstance(pick, ExitPlan) else trials[0][:2]
+        _, _, conf, agree, cost = next(t for t in trials if t[0] == measure and t[1] == exits)
+        family = threshold_family(conf, agree, grid=64)
+        if len(family) > LADDER - 1:  # evenly thinned, the most aggressive kept
+            family = [family[round(j * (len(family) - 1) / (LADDER - 2))] for j in range(LADDER - 1)]
+        ladder = [[math.inf] * len(exits)] + family
+        if s.kind == "causal_lm":
+            heads, candidates, D, _ = fitted
+            heads = self._heads_for(ExitPlan(s.kind, exits, ladder[0], measure), heads, candidates)
+        else:
+            heads, D, _ = fitted
+        details.update({"measure": measure, "exit_layers": exits, "cost_model": "weight multiply-adds per "
+                        + ("decoded token" if s.kind == "causal_lm" else "row")})
+        settings = [{"measure": measure, "exit_layers": exits,
+                     "thresholds": [None if math.isinf(t) else round(float(t), 6) for t in th]} for th in ladder]
+
+        def plans(i: int) -> dict[str, Plan]:
+            thresholds = [math.inf if t is None else t for t in settings[i]["thresholds"]]
+            return {site.path: EarlyExitPlan(ExitPlan(s.kind, exits, thresholds, measure), D, heads, details=details)}
+
+        def cost_left(model: nn.Module) -> float:
+            """Mean cost fraction of where rows (tokens) left since the setting was installed."""
+            hist = exit_stats(model).histogram
+            runtime = encoder_runtime_of(model) or lm_exits_of(model)
+            if sum(hist) == 0 or all(math.isinf(t) for t in runtime.plan.thresholds):
+                return 1.0  # no exit is evaluated: the original's blocks, nothing more
+            return sum(h * c for h, c in zip(hist, cost)) / sum(hist)
+
+        return Knob(settings, plans, cost_left, details)
+
+    def retune(self, model: nn.Module, setting: dict[str, Any], plans: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        runtime = encoder_runtime_of(model) or lm_exits_of(model)
+        if runtime is None:
+            raise AdaptcError("this module has no early-exit runtime to retune")
+        if list(setting["exit_layers"]) != list(runtime.plan.exit_layers) or setting["measure"] != runtime.plan.measure:
+            raise AdaptcError(f"the setting exits after blocks {setting['exit_layers']} by {setting['measure']}; the "
+                              f"module's exits are {runtime.plan.exit_layers} by {runtime.plan.measure}")
+        runtime.plan.thresholds = [math.inf if t is None else float(t) for t in setting["thresholds"]]
+        runtime.stats.reset(len(runtime.plan.thresholds))
+        return {path: {**data, "thresholds": list(setting["thresholds"])} for path, data in plans.items()}
 
     # -- apply -------------------------------------------------------------------------------------
     def apply(self, ctx: CompileContext, site: Site, plan: EarlyExitPlan, edit: ModuleEdit) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import kernels  # noqa: F401  (registers the adaptc ops)
 from ..calibrate import attention_sparsity as cal
-from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
+from ._base import CompileContext, Decline, Knob, ModuleEdit, Pass, Plan, Site
 from ._config import PassConfig
 from .attention_fusion import (SUPPORTED_FROM, adaptc_attention_forward, interface_sites, mask_structure,
                                no_sdpa_reason, register_attention)
@@ -179,6 +179,55 @@ class SparseAttention(Pass):
             _measuring.reset(token)
         first.details["held_out"] = measured
         return Quality(first.target, measured)
+
+    # -- joint quality budget (adaptc/budget.py) -------------------------------------------------
+    def knob(self, ctx: CompileContext, sites: list[Site]) -> Knob | Decline | str:
+        """Kept mass measured on the fitting rows; the ladder is exact attention, then tau from densest to
+        sparsest. Its cost model: attention's share of a block's multiply-adds at the calibration length,
+        scaled by the patterns' density where the runtime runs them (exact above DENSE_ENOUGH)."""
+        if (why := no_sdpa_reason(ctx.working)) is not None:
+            return why
+        impl = sites[0].info["config"]._attn_implementation
+        if impl not in (*SUPPORTED_FROM, "adaptc", IMPLEMENTATION):
+            return f"the model runs {impl!r} attention"
+        batches = list(ctx.calibration or [])
+        recovered = cal.recovered_mass(ctx.original, batches) if batches else {}
+        if not recovered:
+            return "the calibration batches are not longer than one block: nothing to make sparse"
+        length = int(cal._input_ids(batches[0]).shape[1])
+        config = ctx.working.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        attention = length * config.num_attention_heads * head_dim  # q.k and p.v per token, causal average
+        block = ctx.working.get_submodule(sites[0].path.rpartition(".")[0])
+        weights = sum(p.numel() for p in block.parameters() if p.dim() >= 2)
+        share = attention / (attention + weights)
+        ladder = [(None, cal.patterns_at(recovered, 2.0))]  # no head keeps 2x its mass: every head dense
+        ladder += [(tau, cal.patterns_at(recovered, tau)) for tau in reversed(TAUS)]
+        settings = []
+        for tau, patterns in ladder:
+            d = cal.density(patterns, length)
+            settings.append({"tau": tau, "density": round(d, 4), "cost": round(1 - share * (1 - d) if d <= DENSE_ENOUGH else 1.0, 4),
+                             "patterns": {path: p.to_dict() for path, p in patterns.items()}})
+        details = {"metric": "end to end (the budget's)", "block": cal.BLOCK, "calibration_length": length,
+                   "attention_share_of_block_work": round(share, 4), "dense_above_density": DENSE_ENOUGH,
+                   "heads": sum(len(p.window) for p in ladder[0][1].values())}
+        paths = [site.path for site in sites if site.path in recovered]
+
+        def plans(i: int) -> dict[str, Plan]:
+            return {path: SparseAttentionPlan(ladder[i][1][path], details=details) for path in paths}
+
+        def cost_left(model: nn.Module) -> float:
+            installed = {path: model.get_submodule(path).adaptc_sparse_pattern for path in paths}
+            return next(float(x["cost"]) for x, (_, p) in zip(settings, ladder) if p == installed)
+
+        for setting in settings:  # sites the calibration never reached keep no pattern
+            setting["patterns"] = {path: setting["patterns"][path] for path in paths}
+        return Knob(settings, plans, cost_left, details)
+
+    def retune(self, model: nn.Module, setting: dict[str, Any], plans: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for path, data in setting["patterns"].items():
+            model.get_submodule(path).adaptc_sparse_pattern = SparseAttentionPlan.from_dict(data).pattern
+        return {path: dict(setting["patterns"][path]) for path in plans}
 
     def _reference(self, ctx: CompileContext, batches) -> list[torch.Tensor]:
         with torch.no_grad():

@@ -127,6 +127,23 @@ def load(path: str | os.PathLike, map_location: Any = None) -> nn.Module:
     return attach(module, state)
 
 
+def read_report(path: str | os.PathLike) -> dict[str, Any]:
+    """The report a saved file holds, without rebuilding its model (`adaptc report FILE`)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            manifest = json.loads(_read(zf, "manifest.json", trust.MANIFEST_LIMIT))
+    except FileNotFoundError:
+        raise SaveLoadError(f"{path}: no such file") from None
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as exc:
+        raise SaveLoadError(f"{path}: not a readable adaptc file ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "adaptc":
+        raise SaveLoadError(f"{path}: not a file adaptc.save wrote")
+    try:
+        return _field(manifest, "report")
+    except SaveLoadError as exc:
+        raise SaveLoadError(f"{path}: {exc}") from None
+
+
 def _pass_configs(config: Any) -> dict[str, Any]:
     """The saved pass configs by pass name, built only as adaptc's own config classes: data from the
     file never names a class to construct."""
