@@ -24,6 +24,7 @@ _LAZY = {
     "SdpaFusion": "sdpa_fusion", "SdpaFusionConfig": "sdpa_fusion",
     "EagerAttentionFusion": "eager_attention_fusion", "EagerAttentionFusionConfig": "eager_attention_fusion",
     "EarlyExit": "early_exit", "EarlyExitConfig": "early_exit",
+    "TokenRouter": "token_router", "TokenRouterConfig": "token_router",
 }
 
 
@@ -40,11 +41,13 @@ def registry() -> dict[str, type[Pass]]:
     from .moe_fusion import MoEFusion
     from .sdpa_fusion import SdpaFusion
     from .sparse_attention import SparseAttention
+    from .token_router import TokenRouter
 
     # attention_fusion first: what it takes over no longer calls SDPA for sdpa_fusion to find;
-    # sparse_attention falls back to its exact op where a pattern does not apply.
+    # sparse_attention falls back to its exact op where a pattern does not apply; token_router after
+    # early_exit: its loop runs the exits too, and it certifies the two together.
     return {p.name: p for p in (MoEFusion, AttentionFusion, SparseAttention, SdpaFusion, EagerAttentionFusion,
-                                EarlyExit)}
+                                EarlyExit, TokenRouter)}
 
 
 def config_classes() -> dict[str, type[PassConfig]]:

@@ -1,0 +1,417 @@
+"""token_router: tokens leave an encoder's stack once the rest of it no longer matters for them.
+
+Encoders / classifiers (BERT-like): a linear router per block, distilled from the frozen model on
+unlabeled calibration rows. Its label is how much the rest of the stack, run for this token, changes
+the final output: for a [CLS] classifier the gradient-times-state of the teacher's top-1 margin with
+respect to the token's state entering the block (first order: what removing the token there costs the
+prediction); for a mean-pooled embedding the part of the token's remaining state change that turns the
+pooled direction. The router is the ridge fit of that label's log (within a row) on the state; only
+its ranking within a row is used. At run time each row keeps its best `keep[i]` share of real tokens
+at block i (runtime/token_router.py: dropped tokens leave the dense batch and rejoin for pooling).
+
+Capacity schedules are fixed before looking at the data: families by first routed block, each a
+sequence from conservative to aggressive (keep (1 - lam)^(depth) at lam on LEVELS). Each family is
+run for real on calibration rows the routers were not fitted on, in order, and certified by
+Learn-then-Test (fixed-sequence testing, Hoeffding-Bentkus p-values, delta / families each:
+Bonferroni), so the chosen schedule's mean agreement with the original is >= `quality` with
+probability >= 1 - delta. A cost model (weight and attention multiply-adds of the tokens each block
+ran, measured on those rows) picks the cheapest certified schedule. Nothing certified: the pass
+declines with the measured risks.
+
+With early_exit on the same encoder (this pass runs after it), the routed loop runs the exits too and
+the certification measures the two together against the original. Causal LMs: declined for now
+(per-token skips need the stack controller's K/V projection path; not built yet).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..analysis.layer_stack import LayerStack, find_layer_stack
+from ..errors import AdaptcError, SaveLoadError
+from ..runtime.early_exit import EarlyExitEncoder, cosine01, masked_mean
+from ..runtime.stack_controller import take_rows
+from ..runtime.token_router import ENCODER_KINDS, RoutedEncoder, RouterPlan, TokenScorer
+from ..verify import Comparison
+from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
+from ._config import PassConfig, option
+from .early_exit import (DEFAULT_DELTA, DEFAULT_QUALITY, _is_int, _is_number, _valid, _weights, calibration_batches,
+                         runtime_agreement)
+
+LEVELS = (0.03, 0.06, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
+
+
+@dataclass(frozen=True)
+class TokenRouterConfig(PassConfig):
+    """token_router's options (compile's `quality` sets the agreement target)."""
+
+    tokenizer: Any = option(None, data=False, doc="tokenizes calibration given as text")
+    calibration_batch: int = option(16, doc="texts per calibration batch")
+    max_length: int = option(128, doc="tokens per calibration text, at most")
+    delta: float = option(DEFAULT_DELTA, doc="the quality guarantee holds with probability 1 - delta")
+    distill_fraction: float = option(0.3, doc="share of calibration rows that fit the routers (the rest certify)")
+    router_ridge: float = option(1e-2, doc="ridge of a router's least-squares fit")
+    min_keep: float = option(0.1, doc="the smallest share of a row's tokens any block runs")
+    first_routed: int | None = option(None, doc="the one first routed block to try; None: block 1 and the middle block")
+
+    def validate(self) -> None:
+        for name in ("calibration_batch", "max_length"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                self.fail(name, "must be an integer >= 1")
+        for name in ("delta", "distill_fraction", "min_keep"):
+            if not _is_number(getattr(self, name)) or not 0.0 < getattr(self, name) < 1.0:
+                self.fail(name, "must be a number in (0, 1)")
+        if not _is_number(self.router_ridge) or self.router_ridge < 0:
+            self.fail("router_ridge", "must be a number >= 0")
+        if self.first_routed is not None and (not _is_int(self.first_routed) or self.first_routed < 1):
+            self.fail("first_routed", "must be None or an integer >= 1 (block 0 gives the routers their context)")
+
+
+@dataclass
+class TokenRouterPlan(Plan):
+    """The certified capacity schedule of one encoder. Saved: the schedule and the router width (the
+    routers' weights are in the state_dict)."""
+
+    router: RouterPlan
+    hidden: int
+    routers: nn.ModuleList | None = None     # fitted at compile; on load built at zero, filled by load_state_dict
+    runtime_agreement: float | None = None   # measured with the real runtime on the certifying rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.router.to_dict(), "hidden": self.hidden}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TokenRouterPlan":
+        if not isinstance(data, dict):
+            raise SaveLoadError(f"a token router plan is an object, not {type(data).__name__}")
+        hidden = data.get("hidden")
+        if not _is_int(hidden) or hidden < 1:
+            raise SaveLoadError(f"the token router plan needs the router width, got hidden={hidden!r}")
+        return cls(RouterPlan.from_dict({k: v for k, v in data.items() if k != "hidden"}), hidden)
+
+
+def schedules(num_layers: int, start: int, min_keep: float) -> list[list[float]]:
+    """The family starting at block `start`: keep (1 - lam)^(i - start + 1) at block i >= start, one
+    schedule per lam on LEVELS (conservative first)."""
+    return [[1.0 if i < start else max(min_keep, (1.0 - lam) ** (i - start + 1)) for i in range(num_layers)]
+            for lam in LEVELS]
+
+
+# -- distillation labels -----------------------------------------------------------------------------
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def token_importance(model: nn.Module, layers: nn.ModuleList, batch: dict, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """States entering every block ([L] x [B, S, D]) and each token's importance there ([L] x [B, S]):
+    how much running the rest of the stack for the token changes the model's output (see the module doc)."""
+    states: list[torch.Tensor] = []
+
+    def enter(module, args, kwargs):
+        h = _hidden_arg(args, kwargs)
+        if not states:  # block 0: the leaf the gradient flows back to
+            h = h.detach().requires_grad_(kind == "classifier")
+            args = (h, *args[1:]) if args else args
+            kwargs = kwargs if args else {**kwargs, "hidden_states": h}
+        elif h.requires_grad:
+            h.retain_grad()
+        states.append(h)
+        return args, kwargs
+
+    hooks = [layer.register_forward_pre_hook(enter, with_kwargs=True) for layer in layers]
+    try:
+        with torch.enable_grad() if kind == "classifier" else torch.no_grad():
+            out = model(**batch)
+            if kind == "classifier":
+                top = out.logits.float().topk(min(2, out.logits.shape[-1]), dim=-1).values
+                margin = top[:, 0] - top[:, -1] if top.shape[1] > 1 else top[:, 0]
+                margin.sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    if kind == "classifier":
+        labels = [(s.grad * s).sum(-1).abs().detach() for s in states]
+        return [s.detach() for s in states], labels
+    valid = _valid(batch)
+    final = out.last_hidden_state.detach()
+    pooled = masked_mean(final, valid)
+    u = pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    labels = []
+    for s in states:  # the change the token would miss, less its part along the pooled direction
+        miss = final - s
+        miss = miss - (miss * u[:, None]).sum(-1, keepdim=True) * u[:, None]
+        labels.append(miss.norm(dim=-1) / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+    return [s.detach() for s in states], labels
+
+
+@torch.no_grad()
+def fit_router(router: TokenScorer, states: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, ridge: float) -> float:
+    """Ridge fit of log importance, centred per row (only a row's ranking is used), on the state;
+    returns the fit's rank correlation with the label on these tokens (for the report)."""
+    x = states.double()
+    y = torch.log(labels.double() + 1e-6 * float(labels.mean()) + 1e-12)
+    for r in rows.unique():
+        here = rows == r
+        y[here] -= y[here].mean()
+    x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    gram = x1.T @ x1
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    sol = torch.linalg.solve(gram, x1.T @ y)
+    router.score.weight.copy_(sol[:-1].unsqueeze(0).to(router.score.weight.dtype))
+    router.score.bias.copy_(sol[-1:].to(router.score.bias.dtype))
+    pred = x1 @ sol
+    rank = lambda v: v.argsort().argsort().double()  # noqa: E731
+    a, b = rank(pred), rank(y)
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def _split_rows(batches: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Calibration rows, split once (seeded) into the routers' fitting rows and the certifying rows."""
+    total = sum(b["input_ids"].shape[0] for b in batches)
+    if total < 2:
+        raise AdaptcError("token_router needs at least 2 calibration rows: some to fit the routers, some to certify")
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    fit = torch.zeros(total, dtype=torch.bool)
+    fit[perm[:min(total - 1, max(1, round(total * fraction)))]] = True
+    out: tuple[list[dict], list[dict]] = ([], [])
+    start = 0
+    for b in batches:
+        n = b["input_ids"].shape[0]
+        here = fit[start:start + n]
+        for part, rows in ((out[0], here), (out[1], ~here)):
+            if bool(rows.any()):
+                part.append(take_rows(b, rows, n))
+        start += n
+    return out
+
+
+def _row_agreement(kind: str, want: Any, got: Any, valid: torch.Tensor) -> torch.Tensor:
+    if kind == "classifier":
+        return (want.logits.argmax(-1) == got.logits.argmax(-1)).double()
+    return cosine01(masked_mean(got.last_hidden_state, valid), masked_mean(want.last_hidden_state, valid)).double()
+
+
+class TokenRouter(Pass):
+    name = "token_router"
+    exact = False
+    needs_calibration = True
+    keeps_blocks = True  # per-row token counts are data-dependent: they do not export as one graph
+    config_class = TokenRouterConfig
+    plan_class = TokenRouterPlan
+
+    def _batches(self, ctx: CompileContext) -> list[dict[str, torch.Tensor]]:
+        c = self.config
+        return calibration_batches(ctx.calibration, c.tokenizer, c.calibration_batch, c.max_length)
+
+    def no_sites_reason(self) -> str:
+        return "no BERT-like encoder / classifier layer stack"
+
+    def match(self, ctx: CompileContext) -> list[Site]:
+        s = find_layer_stack(ctx.working)
+        return [Site(s.stack_path, ctx.working.get_submodule(s.stack_path), {"stack": s})] if s else []
+
+    def check(self, ctx: CompileContext, site: Site) -> TokenRouterPlan | Decline:
+        quality = ctx.config.quality or DEFAULT_QUALITY
+        delta = float(self.config.delta)
+        s: LayerStack = site.info["stack"]
+        details: dict[str, Any] = {"kind": s.kind, "quality": quality, "delta": delta, "num_layers": len(s.layers)}
+        if s.kind not in ENCODER_KINDS:
+            return Decline("token routing on causal LMs is not built yet (per-token skips with projected K/V on "
+                           "the stack controller, per-sequence routing at prefill); the model is left unchanged", details)
+        if len(s.layers) < 2:
+            return Decline("one block: there is no later block to route tokens past", details)
+        found = self._plan_encoder(ctx, site, s, quality, delta, details)
+        if isinstance(found, str):
+            details["declined"] = found
+            return Decline(found, details)
+        found.details = details
+        return found
+
+    def _plan_encoder(self, ctx: CompileContext, site: Site, s: LayerStack, quality: float, delta: float,
+                      details: dict[str, Any]) -> TokenRouterPlan | str:
+        from ..calibrate.thresholds import METHOD, fixed_sequence_test, min_samples
+
+        c, L, D = self.config, len(s.layers), s.hidden
+        fit_batches, test_batches = _split_rows(self._batches(ctx), float(c.distill_fraction), ctx.config.seed)
+        teacher_layers = find_layer_stack(ctx.original).layers  # hooks go where the teacher runs
+        # Fit: one router per block after the first, on the fitting rows' real tokens ([CLS] is always kept).
+        feats: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        labels: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        rows: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        seen = 0
+        for b in fit_batches:
+            states, imp = token_importance(ctx.original, teacher_layers, b, s.kind)
+            use = _valid(b).clone()
+            use[:, 0] = False
+            row_id = torch.arange(seen, seen + use.shape[0]).unsqueeze(1).expand_as(use)
+            seen += use.shape[0]
+            for i in range(1, L):
+                feats[i].append(states[i][use])
+                labels[i].append(imp[i][use])
+                rows[i].append(row_id[use])
+        ref = next(s.layers.parameters())
+        routers = nn.ModuleList(TokenScorer(D) for _ in range(L)).to(ref.device, ref.dtype)
+        for p in routers.parameters():
+            p.requires_grad_(False)
+        fit_quality = {}
+        for i in range(1, L):
+            fit_quality[str(i)] = round(fit_router(routers[i], torch.cat(feats[i]), torch.cat(labels[i]),
+                                                   torch.cat(rows[i]), float(c.router_ridge)), 4)
+        del feats, labels, rows
+        n_test = sum(b["input_ids"].shape[0] for b in test_batches)
+        details.update({"fit_rows": seen, "certify_rows": n_test,
+                        "router": "linear score of the state entering the block (ridge fit of the log importance)",
+                        "router_rank_correlation_on_fit_tokens": fit_quality,
+                        "label": ("|gradient x state| of the teacher's top-1 margin at the block's input" if s.kind == "classifier"
+                                  else "the token's remaining state change across the pooled direction, relative to the pooled norm")})
+
+        # Certify: run each schedule for real on the certifying rows, against the original's outputs.
+        with torch.no_grad():
+            want = [ctx.original(**b) for b in test_batches]
+        layer_weights = _weights(s.layers[0])
+        base = sum(layer_weights * b["input_ids"].numel() + 2 * D * b["input_ids"].shape[0] * b["input_ids"].shape[1] ** 2
+                   for b in test_batches) * L  # what the original computes, padding included
+
+        encoder = ctx.working.get_submodule(s.stack_path)
+        routed = RoutedEncoder(encoder, RouterPlan(s.kind, [1.0] * L), routers)
+        edit = ModuleEdit(ctx.working)
+        edit.replace(s.stack_path, routed)
+        measured: dict[tuple[int, int], dict[str, Any]] = {}
+
+        def run(start: int, j: int, keep: list[float]) -> float:
+            routed.plan = RouterPlan(s.kind, keep)
+            routed.stats.reset(L)
+            agree = []
+            with torch.no_grad():
+                for b, w in zip(test_batches, want):
+                    agree.append(_row_agreement(s.kind, w, edit.root(**b), _valid(b)))
+            st = routed.stats
+            cost = sum(layer_weights * t + 2 * D * t2 for t, t2 in zip(st.tokens, st.tokens_squared))
+            cost += sum(D * st.tokens[i] for i in range(L) if keep[i] < 1.0)  # the routers themselves
+            a = torch.cat(agree)
+            measured[(start, j)] = {"keep": [round(k, 4) for k in keep], "agreement": round(float(a.mean()), 5),
+                                    "expected_cost": round(cost / base, 4),
+                                    "keep_rate_per_block": [round(r, 4) for r in st.keep_rates()]}
+            return 1.0 - float(a.mean())
+
+        starts = [int(c.first_routed)] if c.first_routed is not None else sorted({1, max(1, L // 2)})
+        starts = [st for st in starts if st < L]
+        if not starts:
+            edit.rollback()
+            return f"first_routed={c.first_routed} leaves no block to route in a stack of {L}"
+        share = delta / len(starts)
+        tested, certified = [], []
+        try:
+            for start in starts:
+                family = schedules(L, start, float(c.min_keep))
+                result = fixed_sequence_test(len(family), lambda j: run(start, j, family[j]), n_test, quality, share)
+                tested.append({"first_routed": start, "certified": len(result.certified),
+                               "stopped_at": None if result.stopped is None else
+                               {**measured[(start, result.stopped[0])], "p_value": round(result.stopped[2], 5)}})
+                certified += [(measured[(start, j)]["expected_cost"], start, j, p) for j, _, p in result.certified]
+            if certified:
+                cost, start, j, p = min(certified, key=lambda t: (t[0], t[1], t[2]))
+                keep = schedules(L, start, float(c.min_keep))[j]
+                speed = self._measured_speed(ctx, edit, routed, keep, test_batches[0])
+        finally:
+            edit.rollback()
+        details["candidates"] = tested
+        details["frontier"] = sorted(({"first_routed": st, **m} for (st, _), m in measured.items()),
+                                     key=lambda m: m["expected_cost"])  # every schedule run, cheapest first
+        details["cost_model"] = ("weight and attention multiply-adds of the tokens each block ran on the certifying rows, "
+                                 "over the original's (padding included); routers included")
+        if not certified:
+            first_fail = [t["stopped_at"] for t in tested if t["stopped_at"]]
+            worst = min(first_fail, key=lambda f: 1 - f["agreement"]) if first_fail else {}
+            need = min_samples(quality, share) if quality < 1 else math.inf
+            short = f"; certifying {quality} at all needs >= {need} certifying rows" if n_test < need else ""
+            return (f"no capacity schedule meets quality {quality} with confidence {1 - delta:.2f}: the most conservative "
+                    f"ones agree {worst.get('agreement')} with the original on {n_test} certifying rows "
+                    f"(keep {worst.get('keep')}, expected cost {worst.get('expected_cost')}, Hoeffding-Bentkus p-value "
+                    f"{worst.get('p_value')} > {share:.3g}){short}; the model is left unchanged")
+        chosen = measured[(start, j)]
+        if chosen["expected_cost"] >= 1.0 - 1e-9:
+            return (f"the cheapest certified schedule would not save work: expected cost {chosen['expected_cost']} of the "
+                    "original; the model is left unchanged")
+        details.update({
+            "procedure": METHOD, "keep": chosen["keep"], "first_routed": start,
+            "guarantee": (f"with probability >= {1 - delta:.3g} over the calibration draw, mean agreement with the original "
+                          f">= {quality} ({METHOD} at delta/{len(starts)} for each of {len(starts)} schedule families, "
+                          "Bonferroni; assumes served inputs are drawn like the calibration data)"),
+            "p_value": round(p, 6), "measured_agreement": chosen["agreement"],
+            "keep_rate_per_block": chosen["keep_rate_per_block"],
+            "drop_rate_per_block": [round(1 - r, 4) for r in chosen["keep_rate_per_block"]],
+            "expected_cost": chosen["expected_cost"], "expected_speedup": round(1.0 / chosen["expected_cost"], 3),
+            **speed,
+        })
+        if isinstance(encoder, EarlyExitEncoder):
+            details["with_early_exit"] = ("the routed loop runs early_exit's exits; the certification measured both "
+                                          "together against the original (the exits' thresholds were calibrated on the same "
+                                          "draw and are treated as fixed)")
+        return TokenRouterPlan(RouterPlan(s.kind, keep), D, routers, runtime_agreement=chosen["agreement"])
+
+    @staticmethod
+    def _measured_speed(ctx: CompileContext, edit: ModuleEdit, routed: RoutedEncoder, keep: list[float],
+                        batch: dict) -> dict[str, Any]:
+        """The original vs the routed model on one certifying batch, interleaved, best of 3."""
+        routed.plan = RouterPlan(routed.plan.kind, keep)
+        times = {"original": math.inf, "routed": math.inf}
+        with torch.no_grad():
+            for _ in range(3):
+                for name, m in (("original", ctx.original), ("routed", edit.root)):
+                    start = time.perf_counter()
+                    m(**batch)
+                    times[name] = min(times[name], time.perf_counter() - start)
+        return {"measured_speedup_on_a_calibration_batch": round(times["original"] / times["routed"], 3),
+                "measured_batch_shape": list(batch["input_ids"].shape)}
+
+    # -- apply / load -------------------------------------------------------------------------------
+    def apply(self, ctx: CompileContext, site: Site, plan: TokenRouterPlan, edit: ModuleEdit) -> None:
+        s: LayerStack = site.info["stack"]
+        encoder = ctx.working.get_submodule(s.stack_path)
+        edit.replace(s.stack_path, RoutedEncoder(encoder, plan.router, plan.routers))
+
+    def rebuild(self, module: nn.Module, plan: TokenRouterPlan, model: nn.Module) -> nn.Module:
+        """For adaptc.load: the routed loop on the rebuilt encoder (an EarlyExitEncoder if early_exit was
+        re-applied first); routers start at zero and the load_state_dict that follows fills them."""
+        s = find_layer_stack(model)
+        if s is None or s.kind != plan.router.kind or model.get_submodule(s.stack_path) is not module:
+            found = "none" if s is None else f"a {s.kind} stack at {s.stack_path!r}"
+            raise SaveLoadError(f"the plan is for the encoder of a {plan.router.kind}; the rebuilt {type(model).__name__} "
+                                f"has {found}")
+        if len(plan.router.keep) != len(s.layers):
+            raise SaveLoadError(f"the plan keeps tokens for {len(plan.router.keep)} blocks; the stack has {len(s.layers)}")
+        ref = next(module.parameters())
+        routers = nn.ModuleList(TokenScorer(plan.hidden) for _ in s.layers).to(ref.device, ref.dtype)
+        for p in routers.parameters():
+            p.requires_grad_(False)
+        return RoutedEncoder(module, plan.router, routers)
+
+    # -- verify: quality on calibration data, not bitwise equality -----------------------------------
+    def verify(self, ctx: CompileContext, plans: dict[str, TokenRouterPlan]) -> Comparison:
+        (plan,) = plans.values()
+        quality = ctx.config.quality or DEFAULT_QUALITY
+        total = Comparison()
+        with torch.no_grad():
+            for inputs, expected in zip(ctx.check_inputs, ctx.expected_outputs()):
+                try:
+                    got = ctx.working(*inputs.args, **inputs.kwargs)
+                except Exception as exc:
+                    return Comparison(math.inf, math.inf, 1, False, f"{type(exc).__name__}: {exc}")
+                if type(got) is not type(expected):
+                    return Comparison(math.inf, math.inf, 1, False, f"output type differs: {type(got).__name__}")
+                total.inputs_checked += 1
+        measured = plan.runtime_agreement
+        if measured is None:
+            measured = runtime_agreement(ctx.original, ctx.working, plan.router.kind, self._batches(ctx))
+        plan.details["runtime_agreement_on_certifying_rows"] = round(measured, 5)
+        total.max_rel = total.max_abs = 1.0 - measured
+        if measured < quality:
+            total.ok, total.why = False, f"runtime agreement {measured:.4f} < quality {quality} on the calibration data"
+        return total

