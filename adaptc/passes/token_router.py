@@ -19,8 +19,14 @@ ran, measured on those rows) picks the cheapest certified schedule. Nothing cert
 declines with the measured risks.
 
 With early_exit on the same encoder (this pass runs after it), the routed loop runs the exits too and
-the certification measures the two together against the original. Causal LMs: declined for now
-(per-token skips need the stack controller's K/V projection path; not built yet).
+the certification measures the two together against the original.
+
+Causal LMs: per-token skips on the stack controller (a `TokenSkipPolicy`): a router per block reads
+the token's own normed state (causal: it never looks ahead) and the token skips the block when the
+score is below the block's threshold; the controller projects the K/V later tokens need from its state,
+so cached and uncached generation agree. Thresholds come from a fixed sequence of skip shares,
+certified on next-token agreement of the real runtime. Per-sequence routing at prefill (MindSkip) is
+not built.
 """
 from __future__ import annotations
 
@@ -36,14 +42,17 @@ from ..analysis.layer_stack import LayerStack, find_layer_stack
 from ..errors import AdaptcError, SaveLoadError
 from ..runtime.early_exit import EarlyExitEncoder, cosine01, masked_mean
 from ..runtime.stack_controller import take_rows
-from ..runtime.token_router import ENCODER_KINDS, RoutedEncoder, RouterPlan, TokenScorer
+from ..analysis.kv_projection import kv_projection_for, no_kv_projection_reason
+from ..runtime.token_router import (ENCODER_KINDS, RoutedEncoder, RouterPlan, SkipPlan, TokenScorer, install_lm_skips,
+                                    plan_from_dict)
 from ..verify import Comparison
 from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
 from ._config import PassConfig, option
 from .early_exit import (DEFAULT_DELTA, DEFAULT_QUALITY, _is_int, _is_number, _valid, _weights, calibration_batches,
-                         runtime_agreement)
+                         layer_states, runtime_agreement)
 
 LEVELS = (0.03, 0.06, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
+LM_SKIP_SHARES = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25)  # per block, of the fitting tokens
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,7 @@ class TokenRouterPlan(Plan):
     """The certified capacity schedule of one encoder. Saved: the schedule and the router width (the
     routers' weights are in the state_dict)."""
 
-    router: RouterPlan
+    router: RouterPlan | SkipPlan
     hidden: int
     routers: nn.ModuleList | None = None     # fitted at compile; on load built at zero, filled by load_state_dict
     runtime_agreement: float | None = None   # measured with the real runtime on the certifying rows
@@ -92,7 +101,7 @@ class TokenRouterPlan(Plan):
         hidden = data.get("hidden")
         if not _is_int(hidden) or hidden < 1:
             raise SaveLoadError(f"the token router plan needs the router width, got hidden={hidden!r}")
-        return cls(RouterPlan.from_dict({k: v for k, v in data.items() if k != "hidden"}), hidden)
+        return cls(plan_from_dict({k: v for k, v in data.items() if k != "hidden"}), hidden)
 
 
 def schedules(num_layers: int, start: int, min_keep: float) -> list[list[float]]:
@@ -151,12 +160,14 @@ def token_importance(model: nn.Module, layers: nn.ModuleList, batch: dict, kind:
 
 
 @torch.no_grad()
-def fit_router(router: TokenScorer, states: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, ridge: float) -> float:
-    """Ridge fit of log importance, centred per row (only a row's ranking is used), on the state;
-    returns the fit's rank correlation with the label on these tokens (for the report)."""
+def fit_router(router: TokenScorer, states: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None,
+               ridge: float) -> float:
+    """Ridge fit of log importance on the state, centred per row when `rows` are given (an encoder uses
+    only a row's ranking; an LM's threshold compares across tokens); returns the fit's rank correlation
+    with the label on these tokens (for the report)."""
     x = states.double()
     y = torch.log(labels.double() + 1e-6 * float(labels.mean()) + 1e-12)
-    for r in rows.unique():
+    for r in (rows.unique() if rows is not None else []):
         here = rows == r
         y[here] -= y[here].mean()
     x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
@@ -210,7 +221,7 @@ class TokenRouter(Pass):
         return calibration_batches(ctx.calibration, c.tokenizer, c.calibration_batch, c.max_length)
 
     def no_sites_reason(self) -> str:
-        return "no BERT-like encoder / classifier layer stack"
+        return "no BERT-like encoder / classifier or causal-LM layer stack"
 
     def match(self, ctx: CompileContext) -> list[Site]:
         s = find_layer_stack(ctx.working)
@@ -221,12 +232,14 @@ class TokenRouter(Pass):
         delta = float(self.config.delta)
         s: LayerStack = site.info["stack"]
         details: dict[str, Any] = {"kind": s.kind, "quality": quality, "delta": delta, "num_layers": len(s.layers)}
-        if s.kind not in ENCODER_KINDS:
-            return Decline("token routing on causal LMs is not built yet (per-token skips with projected K/V on "
-                           "the stack controller, per-sequence routing at prefill); the model is left unchanged", details)
         if len(s.layers) < 2:
             return Decline("one block: there is no later block to route tokens past", details)
-        found = self._plan_encoder(ctx, site, s, quality, delta, details)
+        if s.kind == "causal_lm":
+            if kv_projection_for(s.layers) is None:
+                return Decline(f"{no_kv_projection_reason(s.layers)}: skipped tokens would leave holes in the cache", details)
+            found = self._plan_lm(ctx, s, quality, delta, details)
+        else:
+            found = self._plan_encoder(ctx, site, s, quality, delta, details)
         if isinstance(found, str):
             details["declined"] = found
             return Decline(found, details)
@@ -371,9 +384,104 @@ class TokenRouter(Pass):
         return {"measured_speedup_on_a_calibration_batch": round(times["original"] / times["routed"], 3),
                 "measured_batch_shape": list(batch["input_ids"].shape)}
 
+    def _plan_lm(self, ctx: CompileContext, s: LayerStack, quality: float, delta: float,
+                 details: dict[str, Any]) -> TokenRouterPlan | str:
+        """Per-token skips: a router per block (after the first) predicts, from the token's normed state,
+        the log of the block's relative update ||h_out - h_in|| / ||h_in|| on the teacher; a token skips
+        the block when the prediction is below a threshold. Thresholds: the same share of the fitting
+        tokens at every block, LM_SKIP_SHARES from small to large, certified in order on next-token
+        agreement of the real runtime (projected K/V included) over the certifying passages."""
+        from ..calibrate.thresholds import METHOD, fixed_sequence_test
+        from ..runtime.token_router import lm_skips_of
+
+        c, L, D = self.config, len(s.layers), s.hidden
+        fit_batches, test_batches = _split_rows(self._batches(ctx), float(c.distill_fraction), ctx.config.seed)
+        teacher_layers = find_layer_stack(ctx.original).layers
+        feats: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        labels: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        with torch.no_grad():
+            for b in fit_batches:
+                _, states = layer_states(ctx.original, teacher_layers, b)
+                valid = _valid(b)
+                for i in range(1, L):
+                    h_in, h_out = states[i][valid], states[i + 1][valid]
+                    feats[i].append(s.norm(h_in))
+                    labels[i].append((h_out - h_in).norm(dim=-1) / h_in.norm(dim=-1).clamp(min=1e-6))
+        ref = s.lm_head.weight
+        routers = nn.ModuleList(TokenScorer(D) for _ in range(L)).to(ref.device, ref.dtype)
+        for p in routers.parameters():
+            p.requires_grad_(False)
+        fit_quality, scores = {}, [None] * L
+        for i in range(1, L):
+            x = torch.cat(feats[i])
+            fit_quality[str(i)] = round(fit_router(routers[i], x, torch.cat(labels[i]), None, float(c.router_ridge)), 4)
+            with torch.no_grad():
+                scores[i] = routers[i](x).float()
+        family = [[-math.inf] + [float(torch.quantile(scores[i], share)) for i in range(1, L)] for share in LM_SKIP_SHARES]
+        del feats, labels, scores
+        n_tokens = int(sum(_valid(b).sum() for b in test_batches))
+        details.update({"fit_passages": sum(b["input_ids"].shape[0] for b in fit_batches),
+                        "certify_passages": sum(b["input_ids"].shape[0] for b in test_batches), "certify_tokens": n_tokens,
+                        "router": "linear score of the final norm of the state entering the block (ridge fit of the log "
+                                  "relative block update on the teacher); skip below a per-block threshold",
+                        "router_rank_correlation_on_fit_tokens": fit_quality,
+                        "samples": "tokens; tokens of one passage are not independent, so the guarantee treats them as "
+                                   "i.i.d. (an approximation)"})
+        with torch.no_grad():
+            want = [ctx.original(**b).logits.argmax(-1) for b in test_batches]
+        block, kv, head = _weights(s.layers[0]), kv_projection_for(s.layers).kv_weights(s.layers[0]), s.lm_head.weight.numel()
+        edit = ModuleEdit(ctx.working)
+        install_lm_skips(ctx.working, s.layers, SkipPlan([-math.inf] * L), s.norm, routers, set_attr=edit.set_attr)
+        policy = lm_skips_of(ctx.working)
+        measured: list[dict[str, Any]] = []
+
+        def run(j: int) -> float:
+            policy.plan = SkipPlan(family[j])
+            policy.stats.reset(L)
+            hits = 0
+            with torch.no_grad():
+                for b, w in zip(test_batches, want):
+                    valid = _valid(b)
+                    hits += int((edit.root(**b).logits.argmax(-1) == w)[valid].sum())
+            rates = policy.stats.skip_rates()
+            cost = (sum((1 - r) * block + r * kv + (D if i else 0) for i, r in enumerate(rates)) + head) / (L * block + head)
+            measured.append({"skip_share": LM_SKIP_SHARES[j], "agreement": round(hits / n_tokens, 5),
+                             "expected_cost": round(cost, 4), "skip_rate_per_block": [round(r, 4) for r in rates]})
+            return 1.0 - hits / n_tokens
+
+        try:
+            result = fixed_sequence_test(len(family), run, n_tokens, quality, delta)
+        finally:
+            edit.rollback()
+        details["frontier"] = sorted(measured, key=lambda m: m["expected_cost"])
+        details["cost_model"] = ("weight multiply-adds per decoded token: a skipped block still pays its K/V projection; "
+                                 "the LM head and the routers included")
+        if not result.certified:
+            j, risk, p = result.stopped
+            return (f"no skip threshold meets quality {quality} with confidence {1 - delta:.2f}: skipping "
+                    f"{LM_SKIP_SHARES[j]:.0%} of tokens per block agrees {1 - risk:.4f} on {n_tokens} certifying tokens "
+                    f"(Hoeffding-Bentkus p-value {p:.3g} > {delta:g}; measured frontier: "
+                    + ", ".join(f"{m['agreement']:.3f} at {1 / m['expected_cost']:.3f}x" for m in measured)
+                    + "); the model is left unchanged")
+        best = min(result.certified, key=lambda t: (measured[t[0]]["expected_cost"], t[0]))
+        chosen = measured[best[0]]
+        if chosen["expected_cost"] >= 1.0 - 1e-9:
+            return f"the certified skips would not save work (expected cost {chosen['expected_cost']}); the model is left unchanged"
+        details.update({
+            "procedure": METHOD, "skip_share": chosen["skip_share"], "p_value": round(best[2], 6),
+            "guarantee": (f"with probability >= {1 - delta:.3g} over the calibration draw, mean next-token agreement with "
+                          f"the original >= {quality} ({METHOD}; assumes served text is drawn like the calibration data)"),
+            "measured_agreement": chosen["agreement"], "skip_rate_per_block": chosen["skip_rate_per_block"],
+            "expected_cost": chosen["expected_cost"], "expected_decode_speedup": round(1 / chosen["expected_cost"], 3),
+        })
+        return TokenRouterPlan(SkipPlan(family[best[0]]), D, routers, runtime_agreement=chosen["agreement"])
+
     # -- apply / load -------------------------------------------------------------------------------
     def apply(self, ctx: CompileContext, site: Site, plan: TokenRouterPlan, edit: ModuleEdit) -> None:
         s: LayerStack = site.info["stack"]
+        if s.kind == "causal_lm":
+            install_lm_skips(ctx.working, s.layers, plan.router, s.norm, plan.routers, set_attr=edit.set_attr)
+            return
         encoder = ctx.working.get_submodule(s.stack_path)
         edit.replace(s.stack_path, RoutedEncoder(encoder, plan.router, plan.routers))
 
@@ -385,12 +493,16 @@ class TokenRouter(Pass):
             found = "none" if s is None else f"a {s.kind} stack at {s.stack_path!r}"
             raise SaveLoadError(f"the plan is for the encoder of a {plan.router.kind}; the rebuilt {type(model).__name__} "
                                 f"has {found}")
-        if len(plan.router.keep) != len(s.layers):
-            raise SaveLoadError(f"the plan keeps tokens for {len(plan.router.keep)} blocks; the stack has {len(s.layers)}")
+        per_block = plan.router.thresholds if s.kind == "causal_lm" else plan.router.keep
+        if len(per_block) != len(s.layers):
+            raise SaveLoadError(f"the plan routes tokens for {len(per_block)} blocks; the stack has {len(s.layers)}")
         ref = next(module.parameters())
         routers = nn.ModuleList(TokenScorer(plan.hidden) for _ in s.layers).to(ref.device, ref.dtype)
         for p in routers.parameters():
             p.requires_grad_(False)
+        if s.kind == "causal_lm":
+            install_lm_skips(model, s.layers, plan.router, s.norm, routers)
+            return module
         return RoutedEncoder(module, plan.router, routers)
 
     # -- verify: quality on calibration data, not bitwise equality -----------------------------------

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.kv_projection import kv_projection_for, no_kv_projection_reason
+from ..errors import AdaptcError
 from .early_exit import EarlyExitEncoder, key_padding
-from .stack_controller import first, take_rows
+from .stack_controller import StackCall, StackPolicy, first, install_policy, take_rows
 
 ENCODER_KINDS = ("classifier", "embedding")
 
@@ -52,6 +54,31 @@ class RouterPlan:
         if any(b > a for a, b in zip(keep, keep[1:])):
             raise ValueError(f"router plan keep {keep!r} grows with depth: a dropped token never comes back")
         return cls(kind, [float(k) for k in keep])
+
+
+@dataclass
+class SkipPlan:
+    """Causal LMs: per block the router score below which a token skips it (-inf: nobody skips it)."""
+
+    thresholds: list[float]
+    kind: str = "causal_lm"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "thresholds": [None if math.isinf(t) else float(t) for t in self.thresholds]}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "SkipPlan":
+        if not isinstance(d, dict) or d.get("kind") != "causal_lm" or "thresholds" not in d:
+            raise ValueError("a skip plan is an object with kind 'causal_lm' and thresholds")
+        t = d["thresholds"]
+        if not isinstance(t, list) or not t or not all(
+                x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)) for x in t):
+            raise ValueError(f"skip plan thresholds {t!r} are not numbers (or null: never skip)")
+        return cls([-math.inf if x is None else float(x) for x in t])
+
+
+def plan_from_dict(d: Any) -> "RouterPlan | SkipPlan":
+    return SkipPlan.from_dict(d) if isinstance(d, dict) and d.get("kind") == "causal_lm" else RouterPlan.from_dict(d)
 
 
 @dataclass
@@ -215,4 +242,73 @@ class RoutedEncoder(nn.Module):
 
 def routed_encoder_of(model: nn.Module) -> RoutedEncoder | None:
     return next((m for m in model.modules() if isinstance(m, RoutedEncoder)), None)
+
+
+# -- causal LMs: per-token skips on the stack controller ---------------------------------------------
+
+ROUTERS_ATTR = "adaptc_token_routers"
+
+
+@dataclass
+class SkipStats:
+    """Per block, since the last reset: live tokens the router scored, and those that skipped the block."""
+
+    seen: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+
+    def reset(self, blocks: int) -> None:
+        self.seen, self.skipped = [0] * blocks, [0] * blocks
+
+    def skip_rates(self) -> list[float]:
+        return [k / n if n else 0.0 for k, n in zip(self.skipped, self.seen)]
+
+
+class TokenSkipPolicy(StackPolicy):
+    """Before block i, a live token whose router score (of its own normed state: causal, it never looks
+    ahead) is below the block's threshold skips it; the controller keeps its state and projects the K/V
+    later tokens read from it, so cached and uncached generation compute the same function."""
+
+    name = "token_router"
+
+    def __init__(self, plan: SkipPlan, norm: nn.Module, routers: nn.ModuleList):
+        self.plan, self.norm, self.routers = plan, norm, routers
+        self.stats = SkipStats()
+        self.stats.reset(len(plan.thresholds))
+
+    def begin(self, tokens: torch.Size, device: torch.device) -> list[list[int]]:
+        return [[0, 0] for _ in self.plan.thresholds]
+
+    def acts_before(self, i: int) -> bool:
+        return not math.isinf(self.plan.thresholds[i])
+
+    def skip(self, state, i, h, where):
+        skips = self.routers[i](self.norm(h)) < self.plan.thresholds[i]
+        state[i][0] += h.shape[0]
+        state[i][1] += int(skips.sum())
+        return skips
+
+    def end(self, state, call: StackCall) -> None:
+        for i, (seen, skipped) in enumerate(state):
+            self.stats.seen[i] += seen
+            self.stats.skipped[i] += skipped
+
+
+def install_lm_skips(model: nn.Module, layers: nn.ModuleList, plan: SkipPlan, norm: nn.Module, routers: nn.ModuleList,
+                     set_attr=setattr) -> TokenSkipPolicy:
+    """Add the skip policy to the stack's controller and register `routers` on `model` (as
+    `adaptc_token_routers`, so adaptc.save writes their weights). set_attr: ModuleEdit.set_attr."""
+    kv = kv_projection_for(layers)
+    if kv is None:
+        raise AdaptcError(f"{no_kv_projection_reason(layers)}: skipped tokens would leave holes in the cache")
+    set_attr(model, ROUTERS_ATTR, routers)
+    policy = TokenSkipPolicy(plan, norm, routers)
+    install_policy(layers, policy, kv, set_attr=set_attr)
+    return policy
+
+
+def lm_skips_of(model: nn.Module) -> TokenSkipPolicy | None:
+    from .stack_controller import controller_of
+
+    controller = controller_of(model)
+    return controller.policy(TokenSkipPolicy) if controller is not None else None
 

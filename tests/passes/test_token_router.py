@@ -213,14 +213,46 @@ def test_corrupt_router_plan_is_a_load_error(routed_classifier, tmp_path, corrup
         adaptc.load(tmp_path / "bad.adaptc")
 
 
-def test_causal_lm_declines_with_the_reason():
+def test_causal_lm_tokens_skip_blocks_and_cached_equals_uncached_generation(tmp_path):
+    from adaptc.runtime.token_router import lm_skips_of
+
     g = torch.Generator().manual_seed(1)
-    cal = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(4)]
+    cal = [torch.randint(0, 128, (4, 16), generator=g) for _ in range(16)]
     model = small_lm("llama")
-    fast = adaptc.compile(model, example_inputs=(cal[0],), passes=["token_router"], calibration=cal, quality=0.9,
+    fast = adaptc.compile(model, example_inputs=(cal[0],), passes=["token_router"], calibration=cal, quality=0.7,
                           tune=False, progress=False, speed_check=False)
     p = the_pass(fast)
-    assert p["status"] == "skipped" and "causal LMs is not built yet" in p["reason"]
+    assert p["status"] == "applied", p["reason"]
+    d = p["details"]
+    assert d["measured_agreement"] >= 0.7 and d["expected_decode_speedup"] > 1.0 and "Learn-then-Test" in d["procedure"]
+    policy = lm_skips_of(fast)
+    assert policy is not None and lm_skips_of(model) is None
+    ids = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(8))
+    policy.stats.reset(len(policy.plan.thresholds))
+    kw = dict(attention_mask=torch.ones(3, 6, dtype=torch.long), max_new_tokens=8, do_sample=False)
+    cached, uncached = fast.generate(ids, use_cache=True, **kw), fast.generate(ids, use_cache=False, **kw)
+    assert torch.equal(cached, uncached) and sum(policy.stats.skipped) > 0
+    held = [torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(s)) for s in range(40, 46)]
+    with torch.no_grad():
+        same = torch.cat([(model(h).logits.argmax(-1) == fast(h).logits.argmax(-1)).flatten() for h in held])
+    assert float(same.float().mean()) >= 0.7  # the guarantee on held-out token rows
+    adaptc.save(fast, tmp_path / "lm.adaptc")
+    loaded = adaptc.load(tmp_path / "lm.adaptc")
+    assert adaptc.report(loaded)["passes"] == adaptc.report(fast)["passes"]
+    assert torch.equal(loaded.generate(ids, use_cache=True, **kw), cached)
+
+
+def test_causal_lm_without_a_known_kv_projection_declines():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTJForCausalLM(GPTJConfig(vocab_size=128, n_embd=32, n_layer=4, n_head=4, rotary_dim=4,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    cal = [torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1)) for _ in range(4)]
+    fast = adaptc.compile(model, example_inputs=(cal[0],), passes=["token_router"], calibration=cal, quality=0.6,
+                          tune=False, progress=False, speed_check=False)
+    p = the_pass(fast)
+    assert p["status"] == "skipped" and "no K/V projection known for GPTJBlock" in p["reason"]
 
 
 def test_bad_options_are_clear_errors():
