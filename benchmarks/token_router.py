@@ -211,6 +211,8 @@ def part_lm(args) -> dict:
     held = text.texts("heldout", args.lm_heldout)
     batches = [dict(tok(held[i:i + 8], return_tensors="pt", padding=True, truncation=True, max_length=64))
                for i in range(0, len(held), 8)]
+    if "oracle" not in args.lm_parts:
+        return {"pass": lm_pass(model, tok, batches, args)}
     s = find_layer_stack(model)
     L, kv = len(s.layers), kv_projection_for(s.layers)
     block, kv_cost, head = _weights(s.layers[0]), kv.kv_weights(s.layers[0]), s.lm_head.weight.numel()
@@ -255,10 +257,53 @@ def part_lm(args) -> dict:
                     out[i][r] = True
             return out
         per_sequence.append({"blocks_per_row": k, **measure(rows)})
-    return {"model": "SmolLM2-135M-Instruct", "heldout_passages": len(held), "tokens": int(sum(v.sum() for _, _, v in teacher)),
+    row = {"model": "SmolLM2-135M-Instruct", "heldout_passages": len(held), "tokens": int(sum(v.sum() for _, _, v in teacher)),
             "oracle": "skip where the teacher's own relative block update ||h_out - h_in|| / ||h_in|| is smallest",
             "per_token": per_token, "per_sequence": per_sequence,
             "block_multiply_adds": block, "kv_projection_multiply_adds": kv_cost, "lm_head_multiply_adds": head}
+    if "pass" in args.lm_parts:
+        row["pass"] = lm_pass(model, tok, batches, args)
+    return row
+
+
+@torch.no_grad()
+def lm_pass(model, tok, held_batches: list[dict], args) -> dict:
+    """token_router on SmolLM2 at --lm-quality: what it decides; if it applies, held-out teacher-forced
+    agreement and greedy tokens/s at batch 1 and 8 against the original, interleaved."""
+    cal = text.texts("calibration", args.lm_calibration)
+    enc = tok(cal[:2], return_tensors="pt", padding=True, truncation=True, max_length=32)
+    start = time.perf_counter()
+    fast = adaptc.compile(model, example_inputs={"input_ids": enc.input_ids, "attention_mask": enc.attention_mask},
+                          passes=["token_router"], calibration=cal, quality=args.lm_quality, tokenizer=tok, max_length=64,
+                          calibration_batch=8, tune=False, progress=False, speed_check=False)
+    (p,) = adaptc.report(fast)["passes"]
+    out = {"quality": args.lm_quality, "status": p["status"], "reason": p["reason"], "details": p["details"],
+           "compile_seconds": round(time.perf_counter() - start, 1)}
+    if p["status"] != "applied":
+        return out
+    hits = count = 0
+    for b in held_batches:
+        valid = b["attention_mask"].bool()
+        hits += int((model(**b).logits.argmax(-1) == fast(**b).logits.argmax(-1))[valid].sum())
+        count += int(valid.sum())
+    out["heldout_next_token_agreement"] = hits / count
+    prompts = [t[:80] for t in text.texts("heldout", 8)]
+    kw = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    tok.padding_side = "left"
+    for batch in (1, 8):
+        ids = tok(prompts[:batch], return_tensors="pt", padding=True)
+        seconds, outs = {"original": float("inf"), "compiled": float("inf")}, {}
+        for _ in range(2):
+            for name, m in (("original", model), ("compiled", fast)):
+                t0 = time.perf_counter()
+                outs[name] = m.generate(**ids, **kw)
+                seconds[name] = min(seconds[name], time.perf_counter() - t0)
+        new = outs["original"].shape[1] - ids.input_ids.shape[1]
+        out[f"batch{batch}"] = {"original_tokens_per_s": batch * new / seconds["original"],
+                                "compiled_tokens_per_s": batch * new / seconds["compiled"],
+                                "speedup": seconds["original"] / seconds["compiled"],
+                                "greedy_token_agreement": float((outs["original"] == outs["compiled"]).float().mean())}
+    return out
 
 
 def markdown(doc: dict) -> str:
@@ -291,6 +336,13 @@ def markdown(doc: dict) -> str:
         lines += [f"| per sequence, {r['blocks_per_row']} block(s) a row | {r['skipped_share_of_blocks']:.3f} | "
                   f"{r['agreement']:.4f} | {r['expected_decode_speedup']:.3f}x |" for r in lm["per_sequence"]]
         lines.append("")
+        q = lm.get("pass")
+        if q:
+            lines += [f"token_router on {lm['model']} at quality {q['quality']}: **{q['status']}** (compile {q['compile_seconds']} s). "
+                      + (q["reason"] if q["status"] != "applied" else
+                         f"held-out next-token agreement {q['heldout_next_token_agreement']:.4f}; greedy tokens/s batch 1 "
+                         f"{q['batch1']['speedup']:.2f}x, batch 8 {q['batch8']['speedup']:.2f}x (expected "
+                         f"{q['details'].get('expected_decode_speedup')}x)"), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -342,6 +394,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lm-heldout", type=int, default=32)
+    ap.add_argument("--lm-quality", type=float, default=0.95)
+    ap.add_argument("--lm-parts", nargs="+", default=["oracle", "pass"])
+    ap.add_argument("--lm-calibration", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--lm-shares", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.15, 0.2])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -366,7 +422,9 @@ def main() -> None:
         for k in ("classifier", "embedding", "lm"):
             if k in old and k not in args.parts:
                 doc[k] = old[k]
-            elif k in old and k in doc and k != "lm":
+            elif k == "lm" and k in old and k in doc:
+                doc[k] = {**old[k], **doc[k]}
+            elif k in old and k in doc:
                 mine = {part["length"] for part in doc[k]}
                 doc[k] = sorted([p for p in old[k] if p["length"] not in mine] + doc[k], key=lambda p: p["length"])
     doc["plot"] = plot(doc, RESULTS)
