@@ -89,6 +89,7 @@ class TokenRouterPlan(Plan):
     router: RouterPlan | SkipPlan
     hidden: int
     routers: nn.ModuleList | None = None     # fitted at compile; on load built at zero, filled by load_state_dict
+    lenses: nn.ModuleList | None = None      # embeddings: dropped tokens' map onto the last block's state (same)
     runtime_agreement: float | None = None   # measured with the real runtime on the certifying rows
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,9 +118,11 @@ def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def token_importance(model: nn.Module, layers: nn.ModuleList, batch: dict, kind: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """States entering every block ([L] x [B, S, D]) and each token's importance there ([L] x [B, S]):
-    how much running the rest of the stack for the token changes the model's output (see the module doc)."""
+def token_importance(model: nn.Module, layers: nn.ModuleList, batch: dict, kind: str) -> tuple:
+    """(states entering every block [L] x [B, S, D], importance, last block's states). A classifier's
+    importance ([L] x [B, S]) is how much running the rest of the stack for the token changes the
+    prediction (final: None); an embedding model's needs the lenses first (importance None, see
+    embedding_labels)."""
     states: list[torch.Tensor] = []
 
     def enter(module, args, kwargs):
@@ -145,18 +148,25 @@ def token_importance(model: nn.Module, layers: nn.ModuleList, batch: dict, kind:
         for h in hooks:
             h.remove()
     if kind == "classifier":
-        labels = [(s.grad * s).sum(-1).abs().detach() for s in states]
-        return [s.detach() for s in states], labels
-    valid = _valid(batch)
-    final = out.last_hidden_state.detach()
+        return [s.detach() for s in states], [(s.grad * s).sum(-1).abs().detach() for s in states], None
+    return [s.detach() for s in states], None, out.last_hidden_state.detach()
+
+
+@torch.no_grad()
+def embedding_labels(states: list[torch.Tensor], final: torch.Tensor, valid: torch.Tensor,
+                     lenses: nn.ModuleList) -> list[torch.Tensor]:
+    """[L] x [B, S]: the error a token dropped before block i leaves in the mean-pooled embedding — its
+    final state minus what the block's lens makes of its state there — across the pooled direction,
+    relative to the pooled norm."""
     pooled = masked_mean(final, valid)
-    u = pooled / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    norm = pooled.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    u = pooled / norm
     labels = []
-    for s in states:  # the change the token would miss, less its part along the pooled direction
-        miss = final - s
+    for i, s in enumerate(states):
+        miss = final - (lenses[i](s) if i else s)
         miss = miss - (miss * u[:, None]).sum(-1, keepdim=True) * u[:, None]
-        labels.append(miss.norm(dim=-1) / pooled.norm(dim=-1, keepdim=True).clamp(min=1e-6))
-    return [s.detach() for s in states], labels
+        labels.append(miss.norm(dim=-1) / norm)
+    return labels
 
 
 @torch.no_grad()
@@ -257,9 +267,22 @@ class TokenRouter(Pass):
         feats: list[list[torch.Tensor]] = [[] for _ in range(L)]
         labels: list[list[torch.Tensor]] = [[] for _ in range(L)]
         rows: list[list[torch.Tensor]] = [[] for _ in range(L)]
+        ref = next(s.layers.parameters())
+        collected = [(b, *token_importance(ctx.original, teacher_layers, b, s.kind)) for b in fit_batches]
+        lenses = None  # (batch, states, importance, final) per fitting batch
+        if s.kind == "embedding":  # dropped tokens rejoin the mean through a lens onto the last block's state
+            from ..calibrate.distill import least_squares_init
+            from ..runtime.early_exit import ExitAdapter
+
+            lenses = nn.ModuleList(ExitAdapter(D) for _ in range(L)).to(ref.device, ref.dtype)
+            for p in lenses.parameters():
+                p.requires_grad_(False)
+            for i in range(1, L):
+                least_squares_init([lenses[i].adapter], [torch.cat([st[i][_valid(b)] for b, st, _, _ in collected])],
+                                   torch.cat([final[_valid(b)] for b, _, _, final in collected]))
+            collected = [(b, st, embedding_labels(st, final, _valid(b), lenses), None) for b, st, _, final in collected]
         seen = 0
-        for b in fit_batches:
-            states, imp = token_importance(ctx.original, teacher_layers, b, s.kind)
+        for b, states, imp, _ in collected:
             use = _valid(b).clone()
             use[:, 0] = False
             row_id = torch.arange(seen, seen + use.shape[0]).unsqueeze(1).expand_as(use)
@@ -268,7 +291,7 @@ class TokenRouter(Pass):
                 feats[i].append(states[i][use])
                 labels[i].append(imp[i][use])
                 rows[i].append(row_id[use])
-        ref = next(s.layers.parameters())
+        del collected
         routers = nn.ModuleList(TokenScorer(D) for _ in range(L)).to(ref.device, ref.dtype)
         for p in routers.parameters():
             p.requires_grad_(False)
@@ -282,7 +305,8 @@ class TokenRouter(Pass):
                         "router": "linear score of the state entering the block (ridge fit of the log importance)",
                         "router_rank_correlation_on_fit_tokens": fit_quality,
                         "label": ("|gradient x state| of the teacher's top-1 margin at the block's input" if s.kind == "classifier"
-                                  else "the token's remaining state change across the pooled direction, relative to the pooled norm")})
+                                  else "the error the token's lens leaves in its final state, across the pooled direction, "
+                                       "relative to the pooled norm")})
 
         # Certify: run each schedule for real on the certifying rows, against the original's outputs.
         with torch.no_grad():
@@ -292,7 +316,7 @@ class TokenRouter(Pass):
                    for b in test_batches) * L  # what the original computes, padding included
 
         encoder = ctx.working.get_submodule(s.stack_path)
-        routed = RoutedEncoder(encoder, RouterPlan(s.kind, [1.0] * L), routers)
+        routed = RoutedEncoder(encoder, RouterPlan(s.kind, [1.0] * L), routers, lenses)
         edit = ModuleEdit(ctx.working)
         edit.replace(s.stack_path, routed)
         measured: dict[tuple[int, int], dict[str, Any]] = {}
@@ -367,7 +391,7 @@ class TokenRouter(Pass):
             details["with_early_exit"] = ("the routed loop runs early_exit's exits; the certification measured both "
                                           "together against the original (the exits' thresholds were calibrated on the same "
                                           "draw and are treated as fixed)")
-        return TokenRouterPlan(RouterPlan(s.kind, keep), D, routers, runtime_agreement=chosen["agreement"])
+        return TokenRouterPlan(RouterPlan(s.kind, keep), D, routers, lenses, runtime_agreement=chosen["agreement"])
 
     @staticmethod
     def _measured_speed(ctx: CompileContext, edit: ModuleEdit, routed: RoutedEncoder, keep: list[float],
@@ -483,7 +507,7 @@ class TokenRouter(Pass):
             install_lm_skips(ctx.working, s.layers, plan.router, s.norm, plan.routers, set_attr=edit.set_attr)
             return
         encoder = ctx.working.get_submodule(s.stack_path)
-        edit.replace(s.stack_path, RoutedEncoder(encoder, plan.router, plan.routers))
+        edit.replace(s.stack_path, RoutedEncoder(encoder, plan.router, plan.routers, plan.lenses))
 
     def rebuild(self, module: nn.Module, plan: TokenRouterPlan, model: nn.Module) -> nn.Module:
         """For adaptc.load: the routed loop on the rebuilt encoder (an EarlyExitEncoder if early_exit was
@@ -503,7 +527,12 @@ class TokenRouter(Pass):
         if s.kind == "causal_lm":
             install_lm_skips(model, s.layers, plan.router, s.norm, routers)
             return module
-        return RoutedEncoder(module, plan.router, routers)
+        lenses = None
+        if s.kind == "embedding":
+            from ..runtime.early_exit import ExitAdapter
+
+            lenses = nn.ModuleList(ExitAdapter(plan.hidden) for _ in s.layers).to(ref.device, ref.dtype)
+        return RoutedEncoder(module, plan.router, routers, lenses)
 
     # -- verify: quality on calibration data, not bitwise equality -----------------------------------
     def verify(self, ctx: CompileContext, plans: dict[str, TokenRouterPlan]) -> Comparison:

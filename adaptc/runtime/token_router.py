@@ -4,8 +4,8 @@
 kept). Before a routed block each row keeps its `keep[i]` share (of its real tokens) that the block's
 router scores highest; the kept tokens are gathered into a dense [rows, kept, D] batch (with a key mask
 of its own) and run through the rest of the stack, the dropped ones keep their last state and rejoin
-the output for pooling ([CLS] is never dropped; a mean pools every real token, dropped ones at their
-last state). A row's kept set depends on its own tokens only, so a result never depends on its
+the output for pooling ([CLS] is never dropped; a mean pools every real token, a dropped one at its
+last state mapped by that block's lens onto the last block's state). A row's kept set depends on its own tokens only, so a result never depends on its
 neighbours in the batch. Padding leaves at the first routed block: the blocks after it never see it.
 
 With early exit on the same encoder (the pass runs after early_exit), this loop also runs the exits:
@@ -124,11 +124,15 @@ def compact_mask(like: Any, valid: torch.Tensor, dtype: torch.dtype) -> torch.Te
 class RoutedEncoder(nn.Module):
     """Drop-in for a BERT-like encoder (or the EarlyExitEncoder that early_exit put there)."""
 
-    def __init__(self, encoder: nn.Module, plan: RouterPlan, routers: nn.ModuleList):
+    def __init__(self, encoder: nn.Module, plan: RouterPlan, routers: nn.ModuleList, lenses: nn.ModuleList | None = None):
         super().__init__()
         self.layer = encoder.layer
         self.config = getattr(encoder, "config", None)
         self.routers = routers
+        # Embeddings: a token dropped before block i rejoins through lenses[i], an affine map of its state
+        # onto the last block's (raw states of different depths do not pool together: MiniLM's block-1
+        # and block-6 states have cosine ~0.2).
+        self.lenses = lenses
         self.plan = plan
         exits = encoder if isinstance(encoder, EarlyExitEncoder) else None
         if exits is not None:
@@ -215,9 +219,10 @@ class RoutedEncoder(nn.Module):
         top, kept = top.gather(1, order), kept.gather(1, order)
         stays = torch.zeros_like(live).scatter(1, top, kept)             # [b, K]: kept
         leaves = live & ~stays
-        self._write(full, rows, pos, leaves, h)
+        rejoin = self.lenses[i](h) if self.lenses is not None else h
+        self._write(full, rows, pos, leaves, rejoin)
         if self.plan.kind == "embedding":
-            dropped_sum = dropped_sum + (h * leaves.unsqueeze(-1).to(h.dtype)).sum(1)
+            dropped_sum = dropped_sum + (rejoin * leaves.unsqueeze(-1).to(h.dtype)).sum(1)
         h = h.gather(1, top.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         pos = pos.gather(1, top)
         mask = compact_mask(mask, kept, h.dtype)

