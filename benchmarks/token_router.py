@@ -277,6 +277,7 @@ def lm_pass(model, tok, held_batches: list[dict], args) -> dict:
                           passes=["token_router"], calibration=cal, quality=args.lm_quality, tokenizer=tok, max_length=64,
                           calibration_batch=8, tune=False, progress=False, speed_check=False)
     (p,) = adaptc.report(fast)["passes"]
+    print(f"[lm] token_router@{args.lm_quality}: {p['status']}: {p['reason'][:300]}", flush=True)
     out = {"quality": args.lm_quality, "status": p["status"], "reason": p["reason"], "details": p["details"],
            "compile_seconds": round(time.perf_counter() - start, 1)}
     if p["status"] != "applied":
@@ -326,7 +327,7 @@ def markdown(doc: dict) -> str:
                 lines += ["", "Declines:", ""] + [f"- {n} / {k}: {r[:400]}" for n, k, r in declined]
             lines.append("")
     lm = doc.get("lm")
-    if lm:
+    if lm and "per_token" in lm:
         lines += [f"## {lm['model']}: what an oracle router reaches ({lm['tokens']} held-out tokens, teacher-forced)", "",
                   f"Oracle: {lm['oracle']}; decode speed from weight multiply-adds (a skipped block still pays its K/V "
                   "projection; the LM head included).", "",
@@ -336,13 +337,13 @@ def markdown(doc: dict) -> str:
         lines += [f"| per sequence, {r['blocks_per_row']} block(s) a row | {r['skipped_share_of_blocks']:.3f} | "
                   f"{r['agreement']:.4f} | {r['expected_decode_speedup']:.3f}x |" for r in lm["per_sequence"]]
         lines.append("")
-        q = lm.get("pass")
-        if q:
-            lines += [f"token_router on {lm['model']} at quality {q['quality']}: **{q['status']}** (compile {q['compile_seconds']} s). "
-                      + (q["reason"] if q["status"] != "applied" else
-                         f"held-out next-token agreement {q['heldout_next_token_agreement']:.4f}; greedy tokens/s batch 1 "
-                         f"{q['batch1']['speedup']:.2f}x, batch 8 {q['batch8']['speedup']:.2f}x (expected "
-                         f"{q['details'].get('expected_decode_speedup')}x)"), ""]
+    q = (lm or {}).get("pass")
+    if q:
+        lines += [f"token_router on SmolLM2-135M at quality {q['quality']}: **{q['status']}** (compile {q['compile_seconds']} s). "
+                  + (q["reason"] if q["status"] != "applied" else
+                     f"held-out next-token agreement {q['heldout_next_token_agreement']:.4f}; greedy tokens/s batch 1 "
+                     f"{q['batch1']['speedup']:.2f}x, batch 8 {q['batch8']['speedup']:.2f}x (expected "
+                     f"{q['details'].get('expected_decode_speedup')}x)"), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -90,7 +90,7 @@ def test_a_rows_result_does_not_depend_on_its_neighbours(routed_classifier):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
 
-def test_embedding_model_routes_tokens_and_pools_the_dropped_ones():
+def test_embedding_model_routes_tokens_and_pools_the_dropped_ones(tmp_path):
     from transformers import BertModel
 
     model = small_bert(BertModel)
@@ -104,6 +104,11 @@ def test_embedding_model_routes_tokens_and_pools_the_dropped_ones():
         want, got = model(**batch).last_hidden_state, fast(**batch).last_hidden_state
     mean = lambda h: (h * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True)  # noqa: E731
     assert float(torch.nn.functional.cosine_similarity(mean(got), mean(want)).mean()) >= 0.9
+    lenses = routed_encoder_of(fast).lenses  # dropped tokens rejoin through a fitted lens, not the identity
+    assert float(lenses[-1].adapter.weight.abs().sum()) > 0
+    adaptc.save(fast, tmp_path / "e.adaptc")
+    with torch.no_grad():
+        assert torch.equal(adaptc.load(tmp_path / "e.adaptc")(**batch).last_hidden_state, got)
 
 
 def test_nothing_certified_declines_with_the_measured_numbers_and_leaves_the_model():
