@@ -179,8 +179,9 @@ class RoutedEncoder(nn.Module):
                                  self._readout(kind, h, live, dropped_sum, length[rows]))
             if not bool(done.any()):
                 continue
-            self._write(full, rows[done], pos[done], live[done], h[done])
-            full[rows[done]] = exits.exit_heads[e](full[rows[done]])
+            # the exit's head maps block-e states onto the last block's: the live tokens' (dropped ones
+            # already hold their rejoin state)
+            self._write(full, rows[done], pos[done], live[done], exits.exit_heads[e](h[done]))
             with self._lock:
                 exits.stats.histogram[e] += int(done.sum())
             stay, current = ~done, h.shape[0]
