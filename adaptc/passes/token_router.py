@@ -43,7 +43,7 @@ from ..errors import AdaptcError, SaveLoadError
 from ..runtime.early_exit import EarlyExitEncoder, cosine01, masked_mean
 from ..runtime.stack_controller import take_rows
 from ..analysis.kv_projection import kv_projection_for, no_kv_projection_reason
-from ..runtime.token_router import (ENCODER_KINDS, RoutedEncoder, RouterPlan, SkipPlan, TokenScorer, install_lm_skips,
+from ..runtime.token_router import (RoutedEncoder, RouterPlan, SkipPlan, TokenScorer, install_lm_skips,
                                     plan_from_dict)
 from ..verify import Comparison
 from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
