@@ -220,10 +220,13 @@ class RoutedEncoder(nn.Module):
         top, kept = top.gather(1, order), kept.gather(1, order)
         stays = torch.zeros_like(live).scatter(1, top, kept)             # [b, K]: kept
         leaves = live & ~stays
-        rejoin = self.lenses[i](h) if self.lenses is not None else h
-        self._write(full, rows, pos, leaves, rejoin)
+        rejoin = h[leaves]
+        if self.lenses is not None:  # only the leaving tokens pay the lens
+            rejoin = self.lenses[i](rejoin)
+        full[rows.unsqueeze(1).expand_as(pos)[leaves], pos[leaves]] = rejoin
         if self.plan.kind == "embedding":
-            dropped_sum = dropped_sum + (rejoin * leaves.unsqueeze(-1).to(h.dtype)).sum(1)
+            local = torch.arange(b, device=h.device).unsqueeze(1).expand_as(pos)[leaves]
+            dropped_sum = dropped_sum.index_add(0, local, rejoin)
         h = h.gather(1, top.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
         pos = pos.gather(1, top)
         mask = compact_mask(mask, kept, h.dtype)
