@@ -83,11 +83,20 @@ def test_bad_arguments_are_clear():
         adaptc.report(nn.Linear(2, 2))
 
 
+def readers(option: str) -> str:
+    """The passes whose config has this field, as compile's errors name them."""
+    from adaptc.passes import option_readers
+
+    return ", ".join(option_readers(option))
+
+
 def test_a_misspelled_option_is_an_error_naming_the_nearest_valid_name():
     x = (torch.randn(1, 2),)
+    assert {"early_exit", "token_router"} <= set(readers("max_length").split(", "))
     for typo, meant in (("tnue", "'tune'"), ("tune_trails", "'tune_trials'"), ("calibraton", "'calibration'"),
-                        ("max_lenght", "'max_length' (early_exit option)"),
-                        ("distil_steps", "'distill_steps' (early_exit option)"), ("progres", "'progress'")):
+                        ("max_lenght", f"'max_length' ({readers('max_length')} option)"),
+                        ("distil_steps", f"'distill_steps' ({readers('distill_steps')} option)"),
+                        ("progres", "'progress'")):
         with pytest.raises(adaptc.AdaptcError) as err:
             adaptc.compile(nn.Linear(2, 2), example_inputs=x, **{typo: False})
         assert str(err.value) == f"unknown compile option {typo!r}: did you mean {meant}?"
@@ -101,9 +110,10 @@ def test_an_option_only_an_unselected_pass_reads_is_an_error_naming_that_pass():
     x = (torch.randn(1, 2),)
     with pytest.raises(adaptc.AdaptcError) as err:
         adaptc.compile(nn.Linear(2, 2), example_inputs=x, tune=False, delta=0.05)  # the exact passes
-    assert str(err.value).startswith("option 'delta' is read by early_exit, which is not among passes=['moe_fusion'")
-    with pytest.raises(adaptc.AdaptcError, match="option 'tokenizer' is read by early_exit, which is not among "
-                                                 r"passes=\['sdpa_fusion'\]"):
+    assert str(err.value).startswith(f"option 'delta' is read by {readers('delta')}, which are not among "
+                                     "passes=['moe_fusion'")
+    with pytest.raises(adaptc.AdaptcError, match=f"option 'tokenizer' is read by {readers('tokenizer')}, which are not "
+                                                 r"among passes=\['sdpa_fusion'\]"):
         adaptc.compile(nn.Linear(2, 2), example_inputs=x, passes=["sdpa_fusion"], tokenizer=None)
 
 
@@ -117,7 +127,7 @@ def test_a_misspelled_pass_option_names_the_pass_and_the_nearest_field():
         EarlyExitConfig.of(zzz=1)
     with pytest.raises(adaptc.AdaptcError) as err:
         adaptc.compile(nn.Linear(2, 2), example_inputs=(torch.randn(1, 2),), passes=["early_exit"], dleta=0.05)
-    assert str(err.value) == "unknown compile option 'dleta': did you mean 'delta' (early_exit option)?"
+    assert str(err.value) == f"unknown compile option 'dleta': did you mean 'delta' ({readers('delta')} option)?"
     with pytest.raises(adaptc.AdaptcError, match="set twice"):
         adaptc.compile(nn.Linear(2, 2), example_inputs=(torch.randn(1, 2),), passes=[EarlyExit(delta=0.05)],
                        delta=0.2, calibration=[torch.ones(1, 2, dtype=torch.long)])

@@ -274,3 +274,33 @@ def calibrate_thresholds(confidence: torch.Tensor, agreement: torch.Tensor, cost
     reason = (f"{len(certified)} of {len(family)} settings certified by fixed-sequence testing on "
               f"{test_rows.numel()} held-out rows; chose the cheapest (setting {best_j}, p-value {best_p:.3g})")
     return result(list(family[best_j]), True, reason)
+
+
+# -- ordered settings evaluated by running them ---------------------------------------------------------
+
+@dataclass
+class SequenceTest:
+    """Fixed-sequence testing of an ordered list of settings (most conservative first) whose per-row
+    losses are measured by running each one: `certified` are (index, risk, p-value) in order, `stopped`
+    the first setting that failed (index, risk, p-value), None when every setting was certified."""
+
+    certified: list[tuple[int, float, float]]
+    stopped: tuple[int, float, float] | None
+    n: int
+
+
+def fixed_sequence_test(count: int, risk_of: Any, n: int, quality: float, delta: float) -> SequenceTest:
+    """Learn-then-Test over `count` settings fixed before looking at the testing rows: setting j's
+    null hypothesis "mean loss > 1 - quality" is tested with the Hoeffding-Bentkus p-value of
+    `risk_of(j)` (its mean loss on the same n testing rows), in order, stopping at the first that is
+    not rejected at `delta`; every rejected setting is certified simultaneously (family-wise error <=
+    delta). Settings after the first failure are never run."""
+    alpha = 1.0 - quality
+    certified: list[tuple[int, float, float]] = []
+    for j in range(count):
+        risk = float(risk_of(j))
+        p = hoeffding_bentkus_pvalue(risk, n, alpha)
+        if p > delta:
+            return SequenceTest(certified, (j, risk, p), n)
+        certified.append((j, risk, p))
+    return SequenceTest(certified, None, n)

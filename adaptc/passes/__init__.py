@@ -27,6 +27,7 @@ _LAZY = {
     "EarlyExit": "early_exit", "EarlyExitConfig": "early_exit",
     "TunedLinear": "tuned_linear", "TunedLinearConfig": "tuned_linear",
     "Recursion": "recursion", "RecursionConfig": "recursion",
+    "TokenRouter": "token_router", "TokenRouterConfig": "token_router",
 }
 
 
@@ -45,6 +46,7 @@ def registry() -> dict[str, type[Pass]]:
     from .reroll import Reroll
     from .sdpa_fusion import SdpaFusion
     from .sparse_attention import SparseAttention
+    from .token_router import TokenRouter
     from .tuned_linear import TunedLinear
 
     # tuned_linear after moe_fusion (which reads the experts' own layers) and before the attention
@@ -52,10 +54,11 @@ def registry() -> dict[str, type[Pass]]:
     # attention op is the one that can lose (decode steps on a CPU). attention_fusion before
     # sdpa_fusion: what it takes over no longer calls SDPA for sdpa_fusion to find; sparse_attention
     # falls back to its exact op where a pattern does not apply; reroll last of the exact passes: its
-    # loop body is the block as the others left it. recursion last: it replaces the blocks' linear
+    # loop body is the block as the others left it. token_router after early_exit: its loop runs the
+    # exits too, and it certifies the two together. recursion last: it replaces the blocks' linear
     # layers, which the passes before it read as they are.
     return {p.name: p for p in (MoEFusion, TunedLinear, AttentionFusion, SparseAttention, SdpaFusion,
-                                EagerAttentionFusion, Reroll, EarlyExit, Recursion)}
+                                EagerAttentionFusion, Reroll, EarlyExit, TokenRouter, Recursion)}
 
 
 def config_classes() -> dict[str, type[PassConfig]]:

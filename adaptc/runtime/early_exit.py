@@ -177,20 +177,17 @@ class EarlyExitEncoder(nn.Module):
         valid = key_padding(attention_mask, batch, seq, h.device)
         rows = torch.arange(batch, device=h.device)
         out = h.new_empty(h.shape)
-        exit_at = {layer: e for e, layer in enumerate(self.plan.exit_layers)}
         kind = self.plan.kind
         for i, layer in enumerate(self._steps):
             h_in = h
             h = first(layer(h, mask, *args, **kwargs))
-            e = exit_at.get(i)
-            if e is None or math.isinf(self.plan.thresholds[e]):
+            e = self.exit_after(i)
+            if e is None:
                 continue
-            head = self.exit_heads[e]
-            r_in, r_out = encoder_readout(kind, h_in, valid), encoder_readout(kind, h, valid)
-            done = encoder_signals(kind, head, self._tail, r_in, r_out)[self.plan.measure] >= self.plan.thresholds[e]
+            done = self.leaving(e, encoder_readout(kind, h_in, valid), encoder_readout(kind, h, valid))
             if not bool(done.any()):
                 continue
-            out[rows[done]] = head(h[done])
+            out[rows[done]] = self.exit_heads[e](h[done])
             self.stats.histogram[e] += int(done.sum())
             keep = ~done
             current = h.shape[0]
@@ -202,6 +199,17 @@ class EarlyExitEncoder(nn.Module):
             out[rows] = h
             self.stats.histogram[-1] += rows.numel()
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
+
+    def exit_after(self, i: int) -> int | None:
+        """The exit evaluated after block i (None: none there, or its threshold never lets a row out)."""
+        e = next((e for e, layer in enumerate(self.plan.exit_layers) if layer == i), None)
+        return None if e is None or math.isinf(self.plan.thresholds[e]) else e
+
+    def leaving(self, e: int, r_in: torch.Tensor, r_out: torch.Tensor) -> torch.Tensor:
+        """[B] bool: the rows that leave at exit e, from the readouts entering / leaving its block (the
+        token router's encoder loop asks the same question, so both loops exit alike)."""
+        signal = encoder_signals(self.plan.kind, self.exit_heads[e], self._tail, r_in, r_out)[self.plan.measure]
+        return signal >= self.plan.thresholds[e]
 
 
 # -- causal LMs -------------------------------------------------------------------------------------
@@ -323,7 +331,12 @@ def lm_exits_of(model: nn.Module) -> LMExitPolicy | None:
 
 
 def encoder_runtime_of(model: nn.Module) -> EarlyExitEncoder | None:
-    return next((m for m in model.modules() if isinstance(m, EarlyExitEncoder)), None)
+    """The encoder's exit runtime: an EarlyExitEncoder, or the one a token router's loop runs."""
+    for m in model.modules():
+        found = m if isinstance(m, EarlyExitEncoder) else getattr(m, "exit_runtime", None)
+        if isinstance(found, EarlyExitEncoder):
+            return found
+    return None
 
 
 def exit_stats(model: nn.Module) -> ExitStats | None:
