@@ -165,6 +165,21 @@ class CompileContext:
                 return None
         return self.once("float64_outputs", run)
 
+    def runs_like_original(self) -> Comparison:
+        """The working model runs on every check input and returns the original's output type: what an
+        approximate pass checks before its quality (its outputs are meant to differ)."""
+        total = Comparison()
+        with torch.no_grad():
+            for inputs, expected in zip(self.check_inputs, self.expected_outputs()):
+                try:
+                    got = self.working(*inputs.args, **inputs.kwargs)
+                except Exception as exc:
+                    return Comparison(float("inf"), float("inf"), 1, False, f"{type(exc).__name__}: {exc}")
+                if type(got) is not type(expected):
+                    return Comparison(float("inf"), float("inf"), 1, False, f"output type differs: {type(got).__name__}")
+                total.inputs_checked += 1
+        return total
+
     def verify(self, fn: Callable[..., Any] | None = None) -> Comparison:
         """Run `fn` (default: the working model) on every check input against the original. A float
         tolerance miss is judged again against the original run in float64: a rewrite that sums in

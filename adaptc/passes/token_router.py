@@ -538,16 +538,9 @@ class TokenRouter(Pass):
     def verify(self, ctx: CompileContext, plans: dict[str, TokenRouterPlan]) -> Comparison:
         (plan,) = plans.values()
         quality = ctx.config.quality or DEFAULT_QUALITY
-        total = Comparison()
-        with torch.no_grad():
-            for inputs, expected in zip(ctx.check_inputs, ctx.expected_outputs()):
-                try:
-                    got = ctx.working(*inputs.args, **inputs.kwargs)
-                except Exception as exc:
-                    return Comparison(math.inf, math.inf, 1, False, f"{type(exc).__name__}: {exc}")
-                if type(got) is not type(expected):
-                    return Comparison(math.inf, math.inf, 1, False, f"output type differs: {type(got).__name__}")
-                total.inputs_checked += 1
+        total = ctx.runs_like_original()
+        if not total.ok:
+            return total
         measured = plan.runtime_agreement
         if measured is None:
             measured = runtime_agreement(ctx.original, ctx.working, plan.router.kind, self._batches(ctx))
