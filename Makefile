@@ -27,7 +27,7 @@ test-gpu: $(VENV)/.installed
 	$(PY) -m pytest -q -rs -m gpu $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
-	cd benchmarks && for b in moe attention sparse_attention exit_confidence early_exit onnx_convert onnx_early_exit tuner dense recursion; do \
+	cd benchmarks && for b in moe attention sparse_attention exit_confidence early_exit onnx_convert onnx_early_exit tuner dense recursion token_router quality_budget linear; do \
 		../$(PY) $$b.py || exit 1; done
 
 clean:
