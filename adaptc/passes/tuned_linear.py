@@ -1,8 +1,8 @@
 """Tuned linear (exact): every CPU `nn.Linear` runs on `adaptc::linear`, the GEMM measured fastest for its shape.
 
 nn.Linear calls ATen's addmm, which is MKL's SGEMM on x86; on AMD EPYC that takes a slow path, and
-oneDNN's GEMM on a weight reordered once into its blocked layout is 1.3-4.5x faster from two rows up
-(fp32) and 1.05-2.3x in bf16 (benchmarks/results/linear-*.md). Each layer becomes an `AdaptcLinear`: the
+oneDNN's GEMM on a weight reordered once into its blocked layout is 1.2-3.5x faster from 8 rows up
+(fp32) and 1.03-2.3x in bf16 (benchmarks/results/linear-*.md). Each layer becomes an `AdaptcLinear`: the
 same module (an nn.Linear subclass holding the same weight Parameter, so state_dict, isinstance checks
 and tied weights are unchanged) whose forward calls the op; which GEMM runs is the kernel's tuned
 config per (rows, shape, dtype, threads), so decode rows keep MKL's GEMV where it wins. The packed

@@ -56,10 +56,12 @@ def test_packed_copies_of_freed_weights_are_dropped():
     assert len(cpu._packed) <= len(live) + 1  # each new pack sweeps the expired ones
 
 
-def test_the_default_keeps_mkl_for_one_small_fp32_row_only():
-    assert KERNEL.implementations["cpu"].space.default(*args(1, 64, 64)) == {"backend": "aten"}
-    assert KERNEL.implementations["cpu"].space.default(*args(2, 64, 64)) == {"backend": "onednn"}
-    assert KERNEL.implementations["cpu"].space.default(*args(1, 64, 64, torch.bfloat16)) == {"backend": "onednn"}
+def test_the_default_keeps_mkl_for_one_or_two_fp32_rows_through_a_layer():
+    default = KERNEL.implementations["cpu"].space.default
+    assert default(*args(1, 64, 64)) == default(*args(2, 64, 64)) == {"backend": "aten"}
+    assert default(*args(8, 64, 64)) == {"backend": "onednn"}
+    assert default(torch.randn(1, 576), torch.randn(49152, 576)) == {"backend": "onednn"}  # an LM head
+    assert default(*args(1, 64, 64, torch.bfloat16)) == {"backend": "onednn"}
 
 
 def test_gradients_match_nn_linear():

@@ -1,7 +1,7 @@
 """`cpu_linear`: x @ weight.T + bias on oneDNN with the weight prepacked once, or on ATen (MKL).
 
 On AMD EPYC, MKL's SGEMM takes a slow path; oneDNN's GEMM on a weight reordered once into its
-blocked layout runs 1.3-4.5x faster from two rows up (fp32) and 1.05-2.3x in bf16. The packed copy
+blocked layout runs 1.2-3.5x faster from 8 rows up (fp32) and 1.03-2.3x in bf16. The packed copy
 lives in a process-wide table keyed by the weight's storage, data pointer, shape and version counter,
 so a weight edited in place (or freed and its memory reused) is packed again, and nothing is added to
 the module (its state_dict, save files and graph inputs stay the real weight).

@@ -40,12 +40,13 @@ def config_features(impl: str, p: dict[str, Any], cfg: dict[str, Any], units: in
 
 def cpu_default_config(x, weight, bias=None) -> dict[str, Any]:
     # Measured on a 2-core EPYC (Zen 4), 1 thread (benchmarks/results/linear-*.md): oneDNN's GEMM on a
-    # prepacked weight beats MKL's at every size in bf16 (1.05-2.3x) and in fp32 from 2 rows up
-    # (1.3-4.5x); for one fp32 row MKL's GEMV wins on small layers (0.43x at 576x192) and loses on
-    # large ones (1.9x on a 576x49152 LM head).
+    # prepacked weight beats MKL's at every size in bf16 (1.03-2.3x) and in fp32 from 8 rows up
+    # (1.2-3.5x); for one or two fp32 rows MKL's GEMV wins or ties on a layer's weights (0.36-1.0x at one
+    # row, 0.59-0.73x at two on some) and loses on an LM head (2.5x / 4.5x at 576x49152). Untuned, the
+    # default never picks the side that lost; tuning measures both.
     m = x.numel() // max(x.shape[-1], 1)
-    small_gemv = weight.dtype == torch.float32 and m == 1 and weight.numel() < 2_000_000
-    return {"backend": "aten" if small_gemv else "onednn"}
+    gemv = weight.dtype == torch.float32 and m <= 2 and weight.numel() < 4_000_000
+    return {"backend": "aten" if gemv else "onednn"}
 
 
 def check(p: dict[str, Any]) -> None:
