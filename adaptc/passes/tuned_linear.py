@@ -36,7 +36,9 @@ def _around(cls: type, layer: nn.Module, *sizes: str) -> nn.Module:
 
 
 def on_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if traced(x) or (torch.is_grad_enabled() and weight.requires_grad):
+    """Through the op where a graph must hold it or gradients are wanted (its autograd formula), else
+    straight to its body."""
+    if traced(x) or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return torch.ops.adaptc.linear(x, weight, bias)
     return run_linear(x, weight, bias)
 

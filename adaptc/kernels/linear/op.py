@@ -53,8 +53,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def traced(x: torch.Tensor) -> bool:
     """Whether this call is being traced (dynamo, export's fake tensors, fx proxies): the graph must
     hold the op node; plain eager calls skip its dispatch."""
-    return type(x) is not torch.Tensor or torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and x.requires_grad)  # the op's autograd formula serves training
+    return type(x) is not torch.Tensor or torch.compiler.is_compiling()
 
 
 @linear.register_fake
