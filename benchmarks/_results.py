@@ -28,3 +28,15 @@ def write_results(out: Path, benchmark: str, device: str, doc: dict[str, Any], m
     (out / f"{benchmark}-{slug(device)}.json").write_text(json.dumps(doc, indent=2))
     (out / f"{benchmark}-{slug(device)}.md").write_text(markdown)
     print(markdown)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (said once) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is missing (pip install 'adaptc[bench]'): no plot")
+        return None
+    return plt

@@ -32,7 +32,7 @@ import adaptc
 from adaptc.calibrate import text
 from adaptc.runtime.early_exit import encoder_runtime_of, exit_stats
 from _models import smollm2
-from _results import device_name, slug, write_results
+from _results import device_name, pyplot, slug, write_results
 
 RESULTS = Path(__file__).parent / "results"
 MAX_LEN = 64
@@ -294,12 +294,8 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, out: Path) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is missing (pip install 'adaptc[bench]'): no plot")
+    plt = pyplot()
+    if plt is None:
         return None
     c = doc.get("classifier")
     if not c or not c.get("sweep"):

@@ -25,7 +25,7 @@ from adaptc.calibrate.text import passages
 from adaptc.capture.inputs import Inputs
 from adaptc.tuner.timing import median_seconds
 from _models import smollm2
-from _results import device_name, slug, write_results
+from _results import device_name, pyplot, slug, write_results
 
 
 def chunks(tok, split: str, count: int, length: int) -> list[torch.Tensor]:
@@ -104,12 +104,8 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return
     rows = [r for r in doc["rows"] if r["status"] == "applied"]
     fig, ax = plt.subplots(figsize=(5, 3.5))

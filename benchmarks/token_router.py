@@ -28,7 +28,7 @@ import adaptc
 from adaptc.calibrate import text
 from adaptc.runtime.stack_controller import StackPolicy
 from adaptc.runtime.token_router import routed_encoder_of
-from _results import device_name, slug, write_results
+from _results import device_name, pyplot, slug, write_results
 from early_exit import LABELS, fine_tune_head
 
 RESULTS = Path(__file__).parent / "results"
@@ -348,12 +348,8 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, out: Path) -> str | None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is missing (pip install 'adaptc[bench]'): no plot")
+    plt = pyplot()
+    if plt is None:
         return None
     parts = [(k, p) for k in ("classifier", "embedding") for p in doc.get(k, [])]
     if not parts:

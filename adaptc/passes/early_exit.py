@@ -177,13 +177,36 @@ def choose_exits(trials: list[tuple[str, list[int], torch.Tensor, torch.Tensor, 
 
 
 @dataclass(frozen=True)
-class EarlyExitConfig(PassConfig):
-    """early_exit's options (compile's `quality` sets the agreement target)."""
+class CalibratedConfig(PassConfig):
+    """What every pass calibrated on a layer stack takes: how calibration text becomes batches, and the
+    guarantee's failure probability."""
 
     tokenizer: Any = option(None, data=False, doc="tokenizes calibration given as text")
     calibration_batch: int = option(16, doc="texts per calibration batch")
     max_length: int = option(128, doc="tokens per calibration text, at most")
     delta: float = option(DEFAULT_DELTA, doc="the quality guarantee holds with probability 1 - delta")
+
+    def validate(self) -> None:
+        for name in ("calibration_batch", "max_length"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                self.fail(name, "must be an integer >= 1")
+        if not _is_number(self.delta) or not 0.0 < self.delta < 1.0:
+            self.fail("delta", "must be a number in (0, 1)")
+
+    def batches(self, ctx: CompileContext) -> list[dict[str, torch.Tensor]]:
+        return calibration_batches(ctx.calibration, self.tokenizer, self.calibration_batch, self.max_length)
+
+
+def stack_sites(ctx: CompileContext) -> list[Site]:
+    """The model's layer stack as the one site of a pass that acts on it (none: no stack found)."""
+    s = find_layer_stack(ctx.working)
+    return [Site(s.stack_path, ctx.working.get_submodule(s.stack_path), {"stack": s})] if s else []
+
+
+@dataclass(frozen=True)
+class EarlyExitConfig(CalibratedConfig):
+    """early_exit's options (compile's `quality` sets the agreement target)."""
+
     distill_fraction: float = option(0.4, doc="share of calibration rows (passages for an LM) that fit the exit heads")
     distill_steps: int = option(300, doc="distillation steps for encoder exit heads")
     distill_lr: float = option(1e-3, doc="distillation learning rate")
@@ -191,12 +214,9 @@ class EarlyExitConfig(PassConfig):
     first_exit: int | None = option(None, doc="first block an LM may exit after; None: half the blocks")
 
     def validate(self) -> None:
-        for name in ("calibration_batch", "max_length"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                self.fail(name, "must be an integer >= 1")
-        for name in ("delta", "distill_fraction"):
-            if not _is_number(getattr(self, name)) or not 0.0 < getattr(self, name) < 1.0:
-                self.fail(name, "must be a number in (0, 1)")
+        super().validate()
+        if not _is_number(self.distill_fraction) or not 0.0 < self.distill_fraction < 1.0:
+            self.fail("distill_fraction", "must be a number in (0, 1)")
         if not _is_int(self.distill_steps) or self.distill_steps < 0:
             self.fail("distill_steps", "must be an integer >= 0")
         if not _is_number(self.distill_lr) or self.distill_lr <= 0:
@@ -247,23 +267,18 @@ class EarlyExit(Pass):
     config_class = EarlyExitConfig
     plan_class = EarlyExitPlan
 
-    def _batches(self, ctx: CompileContext) -> list[dict[str, torch.Tensor]]:
-        c = self.config
-        return calibration_batches(ctx.calibration, c.tokenizer, c.calibration_batch, c.max_length)
-
     def no_sites_reason(self) -> str:
         return "no BERT-like encoder / classifier or causal-LM layer stack with a final norm and LM head"
 
     def match(self, ctx: CompileContext) -> list[Site]:
-        s = find_layer_stack(ctx.working)
-        return [Site(s.stack_path, ctx.working.get_submodule(s.stack_path), {"stack": s})] if s else []
+        return stack_sites(ctx)
 
     # -- check: distil, measure, calibrate (the verdict needs all of it) --------------------------
     def check(self, ctx: CompileContext, site: Site) -> EarlyExitPlan | Decline:
         quality = ctx.config.quality or DEFAULT_QUALITY
         delta = float(self.config.delta)
         s: LayerStack = site.info["stack"]
-        batches = self._batches(ctx)
+        batches = self.config.batches(ctx)
         teacher_layers = find_layer_stack(ctx.original).layers  # hooks go where the teacher runs
         details = {"kind": s.kind, "quality": quality, "delta": delta, "num_layers": len(s.layers),
                    "calibration_batches": len(batches)}
@@ -492,7 +507,7 @@ class EarlyExit(Pass):
         (site,) = sites
         quality = ctx.config.quality or DEFAULT_QUALITY
         s: LayerStack = site.info["stack"]
-        batches = self._batches(ctx)
+        batches = self.config.batches(ctx)
         teacher_layers = find_layer_stack(ctx.original).layers
         details = {"kind": s.kind, "num_layers": len(s.layers), "calibration_batches": len(batches)}
         if s.kind == "causal_lm":
@@ -585,7 +600,7 @@ class EarlyExit(Pass):
             return total
         measured = plan.runtime_agreement
         if measured is None:
-            measured = runtime_agreement(ctx.original, ctx.working, plan.exits.kind, self._batches(ctx))
+            measured = runtime_agreement(ctx.original, ctx.working, plan.exits.kind, self.config.batches(ctx))
         plan.details["runtime_agreement_on_calibration_data"] = round(measured, 5)
         total.max_rel = total.max_abs = 1.0 - measured
         if measured < quality:

@@ -30,22 +30,18 @@ from ..runtime.recursion import (INITS, SHARINGS, RelaxedLinear, empty_relaxed_m
                                  unique_parameters)
 from ..verify import Comparison
 from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
-from ._config import PassConfig, option
-from .early_exit import _is_int, _is_number, calibration_batches, runtime_agreement
+from ._config import option
+from .early_exit import CalibratedConfig, _is_int, _is_number, runtime_agreement
 
-DEFAULT_QUALITY, DEFAULT_DELTA = 0.95, 0.1
+DEFAULT_QUALITY = 0.95
 RANK_FRACTIONS = (4, 8, 16, 32)
 DELTA_INITS = ("whitened", "svd")  # default ranks: hidden / these (hidden / 2 saves nothing on a square matrix)
 
 
 @dataclass(frozen=True)
-class RecursionConfig(PassConfig):
+class RecursionConfig(CalibratedConfig):
     """recursion's options (compile's `quality` sets the agreement target)."""
 
-    tokenizer: Any = option(None, data=False, doc="tokenizes calibration given as text")
-    calibration_batch: int = option(16, doc="texts per calibration batch")
-    max_length: int = option(128, doc="tokens per calibration text, at most")
-    delta: float = option(DEFAULT_DELTA, doc="the quality guarantee holds with probability 1 - delta")
     shared_blocks: tuple[int, ...] | None = option(None, doc="K values to try; None: every divisor of N in [2, N/2]")
     ranks: tuple[int, ...] | None = option(None, doc="delta ranks to try, highest first; None: hidden/4 ... hidden/32, 0")
     sharing: str = option("cycle", doc="cycle (position l uses block l mod K) or middle_cycle (first and last own)")
@@ -64,12 +60,9 @@ class RecursionConfig(PassConfig):
         super().__post_init__()
 
     def validate(self) -> None:
-        for name in ("calibration_batch", "max_length"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                self.fail(name, "must be an integer >= 1")
-        for name in ("delta", "distill_fraction"):
-            if not _is_number(getattr(self, name)) or not 0.0 < getattr(self, name) < 1.0:
-                self.fail(name, "must be a number in (0, 1)")
+        super().validate()
+        if not _is_number(self.distill_fraction) or not 0.0 < self.distill_fraction < 1.0:
+            self.fail("distill_fraction", "must be a number in (0, 1)")
         for name, low in (("shared_blocks", 1), ("ranks", 0)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (tuple, list)) or not value
@@ -146,10 +139,6 @@ class Recursion(Pass):
         s = find_layer_stack(ctx.working)
         return [Site(s.layers_path, s.layers, {"stack": s})] if s is not None and len(s.layers) >= 2 else []
 
-    def _batches(self, ctx: CompileContext) -> list[dict[str, torch.Tensor]]:
-        c = self.config
-        return calibration_batches(ctx.calibration, c.tokenizer, c.calibration_batch, c.max_length)
-
     # -- check: try the settings, certify, pick the smallest -----------------------------------------
     def check(self, ctx: CompileContext, site: Site) -> RecursionPlan | Decline:
         c = self.config
@@ -168,7 +157,7 @@ class Recursion(Pass):
             return Decline(f"no shared-block count fits {N} blocks with {c.sharing} sharing", details)
         ranks = sorted(set(c.ranks if c.ranks is not None else (*(max(1, s.hidden // f) for f in RANK_FRACTIONS), 0)),
                        reverse=True)
-        fit, cal = self._split(ctx, self._batches(ctx))
+        fit, cal = self._split(ctx, self.config.batches(ctx))
         if self._fits(c) and not fit:
             return Decline("one calibration row: the deltas need rows to fit on and others to calibrate on "
                            "(give more calibration data, or init='averaged', delta_init='svd', distill_steps=0)", details)
@@ -344,7 +333,7 @@ class Recursion(Pass):
         installed = relaxed_of(ctx.working.get_submodule(path))
         if set(installed) != set(plan.modules) or any(installed[k] is not m for k, m in plan.modules.items()):
             return Comparison(math.inf, math.inf, 1, False, "the installed modules are not the plan's")
-        _, cal = self._split(ctx, self._batches(ctx))
+        _, cal = self._split(ctx, self.config.batches(ctx))
         measured = runtime_agreement(ctx.original, ctx.working, plan.kind, cal)
         plan.details["runtime_agreement_on_calibration_data"] = round(measured, 5)
         total.max_rel = total.max_abs = 1.0 - measured

@@ -47,32 +47,26 @@ from ..runtime.token_router import (RoutedEncoder, RouterPlan, SkipPlan, TokenSc
                                     plan_from_dict)
 from ..verify import Comparison
 from ._base import CompileContext, Decline, ModuleEdit, Pass, Plan, Site
-from ._config import PassConfig, option
-from .early_exit import (DEFAULT_DELTA, DEFAULT_QUALITY, _is_int, _is_number, _valid, _weights, calibration_batches,
-                         layer_states, runtime_agreement)
+from ._config import option
+from .early_exit import (DEFAULT_QUALITY, CalibratedConfig, _is_int, _is_number, _valid, _weights, layer_states,
+                         runtime_agreement, stack_sites)
 
 LEVELS = (0.03, 0.06, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)
 LM_SKIP_SHARES = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25)  # per block, of the fitting tokens
 
 
 @dataclass(frozen=True)
-class TokenRouterConfig(PassConfig):
+class TokenRouterConfig(CalibratedConfig):
     """token_router's options (compile's `quality` sets the agreement target)."""
 
-    tokenizer: Any = option(None, data=False, doc="tokenizes calibration given as text")
-    calibration_batch: int = option(16, doc="texts per calibration batch")
-    max_length: int = option(128, doc="tokens per calibration text, at most")
-    delta: float = option(DEFAULT_DELTA, doc="the quality guarantee holds with probability 1 - delta")
     distill_fraction: float = option(0.3, doc="share of calibration rows that fit the routers (the rest certify)")
     router_ridge: float = option(1e-2, doc="ridge of a router's least-squares fit")
     min_keep: float = option(0.1, doc="the smallest share of a row's tokens any block runs")
     first_routed: int | None = option(None, doc="the one first routed block to try; None: block 1 and the middle block")
 
     def validate(self) -> None:
-        for name in ("calibration_batch", "max_length"):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                self.fail(name, "must be an integer >= 1")
-        for name in ("delta", "distill_fraction", "min_keep"):
+        super().validate()
+        for name in ("distill_fraction", "min_keep"):
             if not _is_number(getattr(self, name)) or not 0.0 < getattr(self, name) < 1.0:
                 self.fail(name, "must be a number in (0, 1)")
         if not _is_number(self.router_ridge) or self.router_ridge < 0:
@@ -226,16 +220,11 @@ class TokenRouter(Pass):
     config_class = TokenRouterConfig
     plan_class = TokenRouterPlan
 
-    def _batches(self, ctx: CompileContext) -> list[dict[str, torch.Tensor]]:
-        c = self.config
-        return calibration_batches(ctx.calibration, c.tokenizer, c.calibration_batch, c.max_length)
-
     def no_sites_reason(self) -> str:
         return "no BERT-like encoder / classifier or causal-LM layer stack"
 
     def match(self, ctx: CompileContext) -> list[Site]:
-        s = find_layer_stack(ctx.working)
-        return [Site(s.stack_path, ctx.working.get_submodule(s.stack_path), {"stack": s})] if s else []
+        return stack_sites(ctx)
 
     def check(self, ctx: CompileContext, site: Site) -> TokenRouterPlan | Decline:
         quality = ctx.config.quality or DEFAULT_QUALITY
@@ -261,7 +250,7 @@ class TokenRouter(Pass):
         from ..calibrate.thresholds import METHOD, fixed_sequence_test, min_samples
 
         c, L, D = self.config, len(s.layers), s.hidden
-        fit_batches, test_batches = _split_rows(self._batches(ctx), float(c.distill_fraction), ctx.config.seed)
+        fit_batches, test_batches = _split_rows(self.config.batches(ctx), float(c.distill_fraction), ctx.config.seed)
         teacher_layers = find_layer_stack(ctx.original).layers  # hooks go where the teacher runs
         # Fit: one router per block after the first, on the fitting rows' real tokens ([CLS] is always kept).
         feats: list[list[torch.Tensor]] = [[] for _ in range(L)]
@@ -419,7 +408,7 @@ class TokenRouter(Pass):
         from ..runtime.token_router import lm_skips_of
 
         c, L, D = self.config, len(s.layers), s.hidden
-        fit_batches, test_batches = _split_rows(self._batches(ctx), float(c.distill_fraction), ctx.config.seed)
+        fit_batches, test_batches = _split_rows(self.config.batches(ctx), float(c.distill_fraction), ctx.config.seed)
         teacher_layers = find_layer_stack(ctx.original).layers
         feats: list[list[torch.Tensor]] = [[] for _ in range(L)]
         labels: list[list[torch.Tensor]] = [[] for _ in range(L)]
@@ -543,7 +532,7 @@ class TokenRouter(Pass):
             return total
         measured = plan.runtime_agreement
         if measured is None:
-            measured = runtime_agreement(ctx.original, ctx.working, plan.router.kind, self._batches(ctx))
+            measured = runtime_agreement(ctx.original, ctx.working, plan.router.kind, self.config.batches(ctx))
         plan.details["runtime_agreement_on_certifying_rows"] = round(measured, 5)
         total.max_rel = total.max_abs = 1.0 - measured
         if measured < quality:

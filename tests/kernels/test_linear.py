@@ -108,3 +108,11 @@ def test_a_config_tuned_after_the_first_call_is_the_one_that_runs():
         set_config("linear", "cpu", KERNEL.problem(x, w, b), "cpu", {"backend": backend})
         torch.testing.assert_close(op.run_linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
         assert list(op._chosen.values())[-1] is cpu.backend({"backend": backend})
+
+
+def test_mismatched_shapes_are_a_clear_error():
+    x, w, b = args(4, 16, 8)
+    with pytest.raises(ValueError, match=r"linear takes x \[\.\.\., K\] and weight \[N, K\]"):
+        linear(torch.randn(4, 15), w, b)
+    with pytest.raises(ValueError, match=r"bias must be \[8\]"):
+        linear(x, w, torch.randn(7))

@@ -26,8 +26,8 @@ def run_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     nn.Linear's does, where the custom op's dispatch and the registry's lookups added ~20-40 us, 5-10%
     of a 135M-parameter LM's decode step over its 211 layers."""
     rows = x.numel() // max(x.shape[-1], 1)
-    key = (x.device.type, x.dtype, weight.dtype, weight.shape, bias is None, bucket(rows), torch.get_num_threads(),
-           kernel_preference_now(), configs_generation())
+    key = (x.device.type, x.dtype, x.shape[-1:], weight.dtype, weight.shape, None if bias is None else bias.shape,
+           bucket(rows), torch.get_num_threads(), kernel_preference_now(), configs_generation())
     fn = _chosen.get(key)
     if fn is None or tracing_calls():
         args = (x, weight, bias)
